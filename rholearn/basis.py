@@ -12,7 +12,7 @@ written::
                 for m in -l .. l:          # real spherical harmonics, featomic order
 
 This is FHI-aims' order (atom, l, radial, m); PySCF's order is converted to it
-in :mod:`rhocalc.conventions`.
+in :mod:`rhocalc.pyscf.order`.
 """
 
 from __future__ import annotations

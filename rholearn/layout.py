@@ -255,6 +255,8 @@ def pair_tensormap_to_matrix(
     for key, block in tensor.items():
         l1, l2 = int(key["o3_lambda_1"]), int(key["o3_lambda_2"])
         samples = np.asarray(_to_numpy(block.samples.values))
+        if len(samples) == 0:  # e.g. after slicing one system out of a batch
+            continue
         rows = _block_indices([int(i) for i in samples[:, 1]], l1, offsets)
         cols = _block_indices([int(j) for j in samples[:, 2]], l2, offsets)
         values = np.asarray(_to_numpy(block.values)).reshape(

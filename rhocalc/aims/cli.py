@@ -1,0 +1,147 @@
+"""``rhocalc aims`` and ``rhocalc aims-parse``: targets from FHI-aims runs.
+
+``rhocalc aims STRUCTURES --out DIR`` runs aims (SCF, then RI fit) for every
+structure and writes the dataset; with ``--slurm`` it writes the inputs of each
+structure's next step and SLURM array job scripts instead (rerun it after the
+jobs to prepare the next step). ``rhocalc aims-parse DIR`` turns finished runs
+into the dataset without running aims.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rhocalc.cli import batch_command
+
+
+def add_parser(subparsers) -> None:
+    """Add the ``aims`` and ``aims-parse`` subcommands to the ``rhocalc`` parser."""
+    parser = subparsers.add_parser(
+        "aims",
+        help="FHI-aims SCF and RI fit onto its product basis (runs aims, or writes SLURM jobs)",
+        description="Run FHI-aims on every structure (SCF, then an RI fit of its density "
+        "onto aims' product basis, restarted from the SCF density matrix) and write the "
+        "targets. aims runs where --command or $ASE_AIMS_COMMAND is set; with --slurm, "
+        "the inputs of each structure's next step and SLURM array job scripts are written "
+        "instead: submit them, rerun this command to prepare the next step, and run "
+        "`rhocalc aims-parse DIR` when all have finished. Structures may carry "
+        "info['charge'] (0 by default). See docs/aims.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    batch_command.add_dataset_arguments(parser)
+    parser.add_argument(
+        "--species-dir", metavar="DIR",
+        help="aims species defaults (01_H_default, ...); default: $AIMS_SPECIES_DIR",
+    )
+    parser.add_argument(
+        "--command", help="command running aims in a run folder, e.g. 'mpirun -np 4 "
+        "aims.x' (its output goes to aims.out); default: $ASE_AIMS_COMMAND",
+    )
+    parser.add_argument("--xc", default="pbe", help="aims xc keyword")
+    parser.add_argument(
+        "--relativistic", default="atomic_zora scalar", help="aims relativistic keyword"
+    )
+    parser.add_argument(
+        "--k-grid", type=int, nargs=3, metavar="N", help="k-point grid (periodic structures)"
+    )
+    parser.add_argument(
+        "--prodbas-acc", type=float, default=1e-5, help="default_prodbas_acc of the RI fit"
+    )
+    parser.add_argument(
+        "--max-l-prodbas", type=int, help="default_max_l_prodbas (default: aims' own)"
+    )
+    parser.add_argument(
+        "--orbitals", type=int, nargs=2, metavar=("FIRST", "LAST"),
+        help="fit the orbital densities of Kohn-Sham states FIRST..LAST (1-based) "
+        "instead of the total density",
+    )
+    parser.add_argument(
+        "--cube", action="store_true", help="also write SCF densities as cube files"
+    )
+    parser.add_argument(
+        "--keyword", action="append", default=[], metavar="KEY=VALUE",
+        help="further control.in keyword for every step (repeatable)",
+    )
+    parser.add_argument(
+        "--slurm", action="store_true",
+        help="write SLURM array job scripts (DIR/aims-runs/slurm-<step>.sh) instead of "
+        "running aims",
+    )
+    parser.add_argument(
+        "--sbatch", action="append", default=[], metavar="ARG",
+        help="extra #SBATCH argument of the job scripts, e.g. --sbatch=--time=01:00:00 "
+        "(repeatable)",
+    )
+    parser.add_argument(
+        "--setup", action="append", default=[], metavar="LINE",
+        help="shell line run before aims in the job scripts, e.g. 'module load aims' "
+        "(repeatable)",
+    )
+    parser.set_defaults(handler=run)
+
+    parse = subparsers.add_parser(
+        "aims-parse",
+        help="write the dataset from finished FHI-aims runs (of `rhocalc aims`)",
+        description="Turn the finished aims runs of a `rhocalc aims` dataset folder into "
+        "its targets (basis.json, <index>/), without running aims. Structures whose runs "
+        "have not finished are listed as failed; rerun after more runs finish.",
+    )
+    parse.add_argument("out", metavar="DIR", help="dataset folder of `rhocalc aims`")
+    parse.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="parallel worker processes")
+    parse.add_argument("--quiet", action="store_true", help="no progress bar")
+    parse.set_defaults(handler=run_parse)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Handler of ``rhocalc aims``; returns the exit code."""
+    from rhocalc import aims  # imported here: `rhocalc --help` stays fast
+
+    try:
+        options = aims.AimsOptions(
+            species_dir=args.species_dir, command=args.command, xc=args.xc,
+            relativistic=args.relativistic,
+            k_grid=tuple(args.k_grid) if args.k_grid else None,
+            prodbas_acc=args.prodbas_acc, max_l_prodbas=args.max_l_prodbas,
+            orbitals=tuple(args.orbitals) if args.orbitals else None, cube=args.cube,
+            keywords=dict(_keyword(text) for text in args.keyword),
+        )
+    except ValueError as error:
+        print(f"rhocalc aims: error: {error}", file=sys.stderr)
+        return 2
+    structures = batch_command.structures_of(args)
+    if args.slurm:
+        jobs = aims.run_dataset(
+            structures, args.out, options,
+            slurm=aims.SlurmOptions(sbatch=tuple(args.sbatch), setup=tuple(args.setup)),
+        )
+        for step, path in jobs["scripts"].items():
+            print(f"{step} step: submit `sbatch {path}`")
+        if not jobs["scripts"]:
+            print(f"all aims runs have finished: run `rhocalc aims-parse {args.out}`")
+        for index, reason in jobs["failed"].items():
+            print(f"  structure {index}: next step not prepared: {reason}", file=sys.stderr)
+        return 0
+    try:
+        compute, basis = aims.run.dataset_compute(structures, args.out, options, run=True)
+    except aims.AimsRunError as error:
+        print(f"rhocalc aims: error: {error}", file=sys.stderr)
+        return 2
+    return batch_command.run_and_summarise(args, structures, compute, basis)
+
+
+def run_parse(args: argparse.Namespace) -> int:
+    """Handler of ``rhocalc aims-parse``; returns the exit code."""
+    from rhocalc import aims
+
+    structures, options = aims.run.read_runs(args.out)
+    compute, basis = aims.run.dataset_compute(structures, args.out, options, run=False)
+    return batch_command.run_and_summarise(args, structures, compute, basis)
+
+
+def _keyword(text: str):
+    key, separator, value = text.partition("=")
+    if not separator or not key:
+        raise ValueError(f"--keyword {text!r}: expected KEY=VALUE")
+    return key.strip(), value.strip()

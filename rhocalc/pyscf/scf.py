@@ -1,0 +1,83 @@
+"""Self-consistent field calculation of one structure."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import ase
+import numpy as np
+from pyscf import dft, scf
+
+from .molecule import ao_molecule
+from .options import PySCFOptions
+
+
+class SCFNotConverged(RuntimeError):
+    """The SCF did not converge within ``PySCFOptions.max_cycle`` cycles."""
+
+
+def structure_label(atoms: ase.Atoms, name: Optional[str] = None) -> str:
+    """``name`` if given, else the chemical formula: how errors name a structure."""
+    return name if name is not None else atoms.get_chemical_formula()
+
+
+def run_scf(
+    atoms: ase.Atoms, options: PySCFOptions = PySCFOptions(), name: Optional[str] = None
+) -> scf.hf.SCF:
+    """Run a converged Hartree-Fock or Kohn-Sham calculation.
+
+    Restricted for ``spin == 0``, unrestricted otherwise (charge and spin from
+    ``atoms.info``, see :func:`~rhocalc.pyscf.molecule.ao_molecule`).
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        The structure, positions in Angstrom.
+    options : PySCFOptions
+    name : str, optional
+        Named in errors; defaults to the chemical formula.
+
+    Returns
+    -------
+    pyscf.scf.hf.SCF
+        The converged mean-field object (``.mol``, ``.make_rdm1()``, ``.e_tot``
+        in Hartree, ``.cycles``).
+
+    Raises
+    ------
+    SCFNotConverged
+        Naming the structure and the number of cycles.
+    KeyError
+        An element is missing from ``options.basis``.
+    """
+    where = structure_label(atoms, name)
+    molecule = ao_molecule(atoms, options.basis, where)
+    mean_field = _mean_field(molecule, options)
+    mean_field.conv_tol = options.conv_tol
+    mean_field.max_cycle = options.max_cycle
+    mean_field.kernel()
+    if not mean_field.converged:
+        raise SCFNotConverged(
+            f"{where}: {options.xc}/{options.basis} SCF not converged after "
+            f"{mean_field.cycles} cycles (max_cycle={options.max_cycle}, "
+            f"conv_tol={options.conv_tol})"
+        )
+    return mean_field
+
+
+def total_density_matrix(mean_field: scf.hf.SCF) -> np.ndarray:
+    """Spin-summed AO density matrix, shape (nao, nao), PySCF order."""
+    density_matrix = mean_field.make_rdm1()
+    return density_matrix.sum(axis=0) if density_matrix.ndim == 3 else density_matrix
+
+
+def _mean_field(molecule, options: PySCFOptions) -> scf.hf.SCF:
+    restricted = molecule.spin == 0
+    if options.is_hartree_fock:
+        mean_field = scf.RHF(molecule) if restricted else scf.UHF(molecule)
+    else:
+        mean_field = dft.RKS(molecule) if restricted else dft.UKS(molecule)
+        mean_field.xc = options.xc
+    if options.scf_density_fit:
+        mean_field = mean_field.density_fit(auxbasis=options.auxbasis)
+    return mean_field

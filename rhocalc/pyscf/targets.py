@@ -1,0 +1,153 @@
+"""Learning targets of one structure from PySCF: SCF, density fit, diagnostics."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import ase
+import numpy as np
+
+from rholearn import layout
+from rholearn.basis import BasisSet
+from rhocalc import realspace
+from rhocalc.targets import Targets
+
+from . import order
+from .basis import basis_set
+from .fit import fit_density, function_integrals
+from .molecule import aux_molecule
+from .options import PySCFOptions
+from .scf import run_scf, structure_label, total_density_matrix
+
+UNITS = {
+    "positions": "Angstrom",
+    "energy_hartree": "Hartree",
+    "density": "electrons/Bohr^3",
+    "coefficients": "dimensionless, of a density in electrons/Bohr^3 on normalised functions",
+    "overlap": "Bohr^3 integrals of products of normalised functions (dimensionless)",
+    "timings": "seconds",
+}
+
+
+def compute_targets(
+    atoms: ase.Atoms,
+    options: PySCFOptions = PySCFOptions(),
+    system: int = 0,
+    name: Optional[str] = None,
+) -> Targets:
+    """Run the SCF of a structure and fit its density onto the auxiliary basis.
+
+    Parameters
+    ----------
+    atoms : ase.Atoms
+        The structure, positions in Angstrom. ``atoms.info["charge"]`` and
+        ``atoms.info["spin"]`` (unpaired electrons, ``2S``; non-zero runs an
+        unrestricted SCF) default to 0.
+    options : PySCFOptions
+    system : int
+        Value of the ``system`` sample of every TensorMap.
+    name : str, optional
+        Names the structure in errors and ``info``; defaults to its formula.
+
+    Returns
+    -------
+    Targets
+        Coefficients ``c`` of the fit (see :mod:`rhocalc.pyscf.fit`),
+        projections ``w = S c`` and overlap ``S`` of the auxiliary basis
+        (always the overlap, whatever the fit metric), in the canonical
+        layout, and ``info``:
+
+        - ``energy_hartree``, ``converged``, ``n_scf_cycles``: the SCF;
+        - ``n_electrons``: electrons of the SCF (explicit ones, with ECPs);
+        - ``n_electrons_fitted``: exact integral of the fitted density;
+        - ``n_electrons_scf_grid``, ``n_electrons_fitted_grid``: the same on the grid;
+        - ``fit_l1_error_percent``: ``100 * integral |rho_fit - rho_scf| / N``;
+        - ``fit_l2_error_percent``: ``100 * ||rho_fit - rho_scf|| / ||rho_scf||``
+          with ``||f||^2 = integral f^2`` (the overlap metric);
+        - ``scf_seconds``, ``fit_seconds`` (integrals and solve),
+          ``diagnostics_seconds`` (the grid);
+
+        both errors integrated on the PySCF grid of level ``options.grid_level``;
+        also ``name``, ``formula``, ``system``, ``charge``, ``spin``,
+        ``n_aux_functions``, ``options`` and ``units``.
+
+    Raises
+    ------
+    KeyError
+        An element is missing from the orbital or auxiliary basis (names the
+        structure, element and basis).
+    SCFNotConverged
+        Names the structure and the number of cycles.
+    """
+    where = structure_label(atoms, name)
+    basis = basis_set(options.auxbasis, atoms.get_chemical_symbols(), where=where)
+
+    start = time.perf_counter()
+    scf = run_scf(atoms, options, name)
+    scf_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    aux = aux_molecule(atoms, basis)
+    pyscf_coefficients = fit_density(
+        scf.mol, total_density_matrix(scf), aux, options.metric, options.constrain_electrons
+    )
+    coefficients = order.vector_to_canonical(pyscf_coefficients, aux)
+    overlap = order.matrix_to_canonical(aux.intor("int1e_ovlp", hermi=1), aux)
+    n_electrons_fitted = float(function_integrals(aux) @ pyscf_coefficients)
+    fit_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    diagnostics = fit_diagnostics(scf, coefficients, atoms, basis, options.grid_level)
+    diagnostics_seconds = time.perf_counter() - start
+
+    numbers = atoms.numbers
+    info = {
+        "name": where,
+        "formula": atoms.get_chemical_formula(),
+        "system": system,
+        "charge": int(scf.mol.charge),
+        "spin": int(scf.mol.spin),
+        "energy_hartree": float(scf.e_tot),
+        "converged": bool(scf.converged),
+        "n_scf_cycles": int(scf.cycles),
+        "n_electrons": int(scf.mol.nelectron),
+        "n_electrons_fitted": n_electrons_fitted,
+        **diagnostics,
+        "n_aux_functions": int(aux.nao),
+        "scf_seconds": scf_seconds,
+        "fit_seconds": fit_seconds,
+        "diagnostics_seconds": diagnostics_seconds,
+        "options": options.to_dict(),
+        "units": UNITS,
+    }
+    return Targets(
+        coefficients=layout.vector_to_tensormap(coefficients, numbers, basis, system),
+        projections=layout.vector_to_tensormap(overlap @ coefficients, numbers, basis, system),
+        overlap=layout.matrix_to_pair_tensormap(
+            overlap, numbers, basis, system, options.overlap_threshold
+        ),
+        info=info,
+    )
+
+
+def fit_diagnostics(
+    scf, coefficients: np.ndarray, atoms: ase.Atoms, basis: BasisSet, grid_level: int
+) -> dict:
+    """Real-space errors of a fitted density against the SCF density on a grid.
+
+    ``coefficients`` are canonical-order; the keys are those listed in
+    :func:`compute_targets`.
+    """
+    points, weights = realspace.integration_grid(atoms, grid_level)
+    rho_scf = realspace.scf_density_at_points(scf, points)
+    rho_fit = realspace.density_at_points(coefficients, atoms, basis, points)
+    n_electrons = scf.mol.nelectron
+    return {
+        "n_electrons_scf_grid": realspace.electrons_on_grid(rho_scf, weights),
+        "n_electrons_fitted_grid": realspace.electrons_on_grid(rho_fit, weights),
+        "fit_l1_error_percent": realspace.real_space_l1_percent(
+            rho_fit, rho_scf, weights, n_electrons
+        ),
+        "fit_l2_error_percent": realspace.real_space_l2_percent(rho_fit, rho_scf, weights),
+    }

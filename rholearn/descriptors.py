@@ -1,0 +1,327 @@
+"""Lambda-SOAP descriptors: equivariant power spectra matching the target blocks.
+
+:class:`LambdaSoap` wraps featomic's :class:`~featomic.torch.SphericalExpansion`
+and :class:`~featomic.torch.clebsch_gordan.EquivariantPowerSpectrum`. The
+neighbour types are moved to the properties for a fixed list of atom types, so
+a block has the same properties in every structure, whatever elements it holds.
+
+Output layout (a ``metatensor.torch.TensorMap``)
+    keys        ``o3_lambda, o3_sigma, center_type`` (only the requested target keys)
+    samples     ``system, atom`` (``system`` is the structure's dataset index)
+    components  ``o3_mu``
+    properties  featomic's ``l_1, l_2, neighbor_1_type, n_1, neighbor_2_type, n_2``
+
+Coordinates are read from ``ase.Atoms`` in Angstrom; the cutoff in the hypers is
+in Angstrom too.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import ase
+import ase.data
+import metatensor.torch as mts
+import torch
+from featomic.torch import SphericalExpansion
+from featomic.torch.clebsch_gordan import EquivariantPowerSpectrum
+from metatensor.torch import Labels, TensorBlock, TensorMap
+from metatensor.torch.learn.nn import Module
+from metatomic.torch import System, systems_to_torch
+
+from . import layout
+
+DEFAULT_HYPERS = {
+    "cutoff": {"radius": 4.0, "smoothing": {"type": "ShiftedCosine", "width": 0.5}},
+    "density": {"type": "Gaussian", "width": 0.3},
+    "basis": {
+        "type": "TensorProduct",
+        "max_angular": 4,
+        "radial": {"type": "Gto", "max_radial": 5},
+    },
+}
+"""featomic ``SphericalExpansion`` hypers (lengths in Angstrom).
+
+``max_angular = 4`` reaches every ``o3_lambda <= 8``, enough for auxiliary bases
+up to g functions; ``max_radial = 5`` means 6 radial functions (featomic counts
+from 0). The Clebsch-Gordan product dominates the cost, roughly as
+``(max_angular + 1)^3 (max_radial + 1)^2``.
+"""
+
+CACHE_SETTINGS_FILE = "descriptor.json"
+"""File in a descriptor cache folder recording the settings its files were made with."""
+
+Key = Tuple[int, int, int]
+
+
+class LambdaSoap:
+    """Lambda-SOAP calculator restricted to a set of target keys.
+
+    Parameters
+    ----------
+    hypers : dict
+        featomic ``SphericalExpansion`` hypers (``cutoff``, ``density``, ``basis``),
+        see :data:`DEFAULT_HYPERS`. Lengths in Angstrom.
+    atom_types : sequence of int
+        Atomic numbers of every element the descriptor must handle; they fix the
+        property dimension of each block.
+    target_keys : sequence of (o3_lambda, o3_sigma, center_type), optional
+        Blocks to compute, e.g. :meth:`rholearn.basis.BasisSet.keys`. Default:
+        every ``o3_sigma = +1`` block up to ``o3_lambda = 2 max_angular``.
+    dtype : torch.dtype
+    device : torch.device or str, optional
+    """
+
+    def __init__(
+        self,
+        hypers: dict,
+        atom_types: Sequence[int],
+        target_keys: Optional[Sequence[Key]] = None,
+        dtype: torch.dtype = torch.float64,
+        device: Optional[torch.device] = None,
+    ):
+        self.hypers = copy.deepcopy(hypers)
+        self.atom_types = sorted(int(z) for z in set(atom_types))
+        self.dtype = dtype
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        max_lambda = 2 * int(self.hypers["basis"]["max_angular"])
+        if target_keys is None:
+            target_keys = [(l, 1, z) for z in self.atom_types for l in range(max_lambda + 1)]
+        self.target_keys: List[Key] = sorted(tuple(int(x) for x in key) for key in target_keys)
+        _check_target_keys(self.target_keys, self.atom_types, max_lambda)
+        self.module = LambdaSoapModule(
+            EquivariantPowerSpectrum(
+                SphericalExpansion(**self.hypers),
+                neighbor_types=self.atom_types,
+                dtype=dtype,
+                device=self.device,
+            ),
+            Labels(layout.KEY_NAMES, torch.tensor(self.target_keys, dtype=torch.int32)),
+            self.atom_types,
+        )
+        self.module.to(self.device)
+
+    def settings(self) -> dict:
+        """Plain-data settings that determine the descriptor values."""
+        return {
+            "hypers": self.hypers,
+            "atom_types": self.atom_types,
+            "target_keys": [list(key) for key in self.target_keys],
+            "dtype": str(self.dtype),
+        }
+
+    # ------------------------------------------------------------ compute ---
+    def systems(
+        self, frames: Sequence[ase.Atoms], positions_requires_grad: bool = False
+    ) -> List[System]:
+        """Convert ase structures (Angstrom) to metatomic systems of this dtype/device.
+
+        With ``positions_requires_grad=True`` the descriptor computed from the
+        returned systems is differentiable with respect to ``system.positions``.
+        """
+        return systems_to_torch(
+            list(frames),
+            dtype=self.dtype,
+            device=self.device,
+            positions_requires_grad=positions_requires_grad,
+        )
+
+    def compute(
+        self, frames: Sequence[ase.Atoms], system_ids: Optional[Sequence[int]] = None
+    ) -> TensorMap:
+        """Lambda-SOAP of ase structures (positions in Angstrom).
+
+        Parameters
+        ----------
+        frames : sequence of ase.Atoms
+        system_ids : sequence of int, optional
+            Value of the ``system`` sample dimension of each structure (its index
+            in the dataset). Default ``0 .. len(frames) - 1``.
+        """
+        system_ids = _system_ids(frames, system_ids)
+        self.check_atom_types(frames, system_ids)
+        return self.compute_systems(self.systems(frames), system_ids)
+
+    def compute_systems(
+        self, systems: List[System], system_ids: Optional[Sequence[int]] = None
+    ) -> TensorMap:
+        """Lambda-SOAP of metatomic systems (see :meth:`systems`).
+
+        Gradients flow to ``system.positions`` where they require grad.
+        """
+        system_ids = _system_ids(systems, system_ids)
+        return _renumber_systems(self.module(systems), system_ids)
+
+    def check_atom_types(
+        self, frames: Sequence[ase.Atoms], system_ids: Optional[Sequence[int]] = None
+    ) -> None:
+        """Raise a ``ValueError`` naming the first structure with an unknown element."""
+        for system_id, atoms in zip(_system_ids(frames, system_ids), frames):
+            unknown = sorted(set(atoms.numbers.tolist()) - set(self.atom_types))
+            if unknown:
+                raise ValueError(
+                    f"structure {system_id} ({atoms.get_chemical_formula()}) contains "
+                    f"element(s) {_symbols(unknown)}, but the descriptor only knows "
+                    f"{_symbols(self.atom_types)}"
+                )
+
+    def n_features(self) -> Dict[Key, int]:
+        """Number of properties of each target block.
+
+        Found from featomic's metadata-only computation on a probe structure
+        holding one atom of each type, so no Clebsch-Gordan product is computed.
+        """
+        probe = ase.Atoms(
+            numbers=self.atom_types,
+            positions=[[0.0, 0.0, 1.5 * i] for i in range(len(self.atom_types))],
+        )
+        metadata = self.module.calculator.compute_metadata(
+            self.systems([probe]),
+            selected_keys=self.module.selected_keys,
+            neighbors_to_properties=True,
+        )
+        return {
+            tuple(int(x) for x in key.values): len(block.properties)
+            for key, block in metadata.items()
+        }
+
+    # -------------------------------------------------------------- cache ---
+    def compute_cached(
+        self,
+        frames: Sequence[ase.Atoms],
+        system_ids: Sequence[int],
+        cache_dir: str,
+    ) -> TensorMap:
+        """Like :meth:`compute`, reading and writing ``cache_dir/<system_id>.mts``.
+
+        Structures without a cache file are computed together and each saved
+        atomically; the folder records the settings in ``descriptor.json`` and a
+        folder made with other settings raises a ``ValueError``.
+        """
+        system_ids = _system_ids(frames, system_ids)
+        self._claim_cache(cache_dir)
+        paths = [os.path.join(cache_dir, f"{i}.mts") for i in system_ids]
+        missing = [k for k, path in enumerate(paths) if not os.path.exists(path)]
+        if missing:
+            fresh = self.compute([frames[k] for k in missing], [system_ids[k] for k in missing])
+            for k in missing:
+                layout.save(paths[k], _select_system(fresh, system_ids[k]))
+        tensors = [self._load(path) for path in paths]
+        return mts.join(tensors, axis="samples", different_keys="union")
+
+    def _claim_cache(self, cache_dir: str) -> None:
+        """Create ``cache_dir`` for these settings, or check it was made with them."""
+        os.makedirs(cache_dir, exist_ok=True)
+        path = os.path.join(cache_dir, CACHE_SETTINGS_FILE)
+        settings = json.loads(json.dumps(self.settings()))  # tuples -> lists
+        if not os.path.exists(path):
+            tmp = f"{path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(settings, f, indent=1)
+            os.replace(tmp, path)
+            return
+        with open(path) as f:
+            cached = json.load(f)
+        differing = sorted(name for name in settings if cached.get(name) != settings[name])
+        if differing:
+            raise ValueError(
+                f"descriptor cache '{cache_dir}' was made with other settings: {differing} "
+                f"differ from those in '{path}'. Use another folder."
+            )
+
+    def _load(self, path: str) -> TensorMap:
+        try:
+            tensor = mts.load(path)
+        except Exception as error:  # metatensor raises its own error types
+            raise ValueError(f"cannot read descriptor file '{path}': {error}") from error
+        return tensor.to(dtype=self.dtype, device=self.device)
+
+
+class LambdaSoapModule(Module):
+    """TorchScript-compatible lambda-SOAP: metatomic systems -> descriptor TensorMap.
+
+    Samples are numbered ``system = 0 .. len(systems) - 1``. A system with an
+    atom type outside ``atom_types`` raises an error (featomic would silently
+    ignore it as a neighbour).
+    """
+
+    def __init__(
+        self,
+        calculator: EquivariantPowerSpectrum,
+        selected_keys: Labels,
+        atom_types: List[int],
+    ):
+        super().__init__()
+        self.calculator = calculator
+        self.register_buffer("selected_keys", selected_keys)
+        self.atom_types = atom_types
+
+    def forward(self, systems: List[System]) -> TensorMap:
+        for index, system in enumerate(systems):
+            known = torch.tensor(self.atom_types, device=system.types.device)
+            if not bool(torch.isin(system.types, known).all()):
+                raise ValueError(
+                    "system " + str(index) + " has atom types outside the descriptor's "
+                    + str(self.atom_types)
+                )
+        return self.calculator(
+            systems, selected_keys=self.selected_keys, neighbors_to_properties=True
+        )
+
+
+def _check_target_keys(target_keys: List[Key], atom_types: List[int], max_lambda: int):
+    for o3_lambda, _, center_type in target_keys:
+        if o3_lambda > max_lambda:
+            raise ValueError(
+                f"target key o3_lambda={o3_lambda}, center_type={center_type} needs "
+                f"max_angular >= {(o3_lambda + 1) // 2} in the descriptor hypers, "
+                f"which have max_angular={max_lambda // 2}"
+            )
+        if center_type not in atom_types:
+            raise ValueError(
+                f"target key o3_lambda={o3_lambda}, center_type={center_type}: "
+                f"atom type {center_type} is not in atom_types {atom_types}"
+            )
+
+
+def _system_ids(frames: Sequence, system_ids: Optional[Sequence[int]]) -> List[int]:
+    if system_ids is None:
+        return list(range(len(frames)))
+    system_ids = [int(i) for i in system_ids]
+    if len(system_ids) != len(frames):
+        raise ValueError(f"{len(frames)} structures but {len(system_ids)} system ids")
+    return system_ids
+
+
+def _symbols(atomic_numbers: Sequence[int]) -> List[str]:
+    return [ase.data.chemical_symbols[z] for z in atomic_numbers]
+
+
+def _renumber_systems(tensor: TensorMap, system_ids: List[int]) -> TensorMap:
+    """Replace featomic's ``system`` sample values ``0..N-1`` by ``system_ids``."""
+    if system_ids == list(range(len(system_ids))):
+        return tensor
+    ids = torch.tensor(system_ids, dtype=torch.int32, device=tensor.device)
+    blocks = []
+    for block in tensor.blocks():
+        samples = block.samples.values.clone()
+        samples[:, 0] = ids[samples[:, 0].to(torch.long)]
+        blocks.append(
+            TensorBlock(
+                values=block.values,
+                samples=Labels(block.samples.names, samples),
+                components=block.components,
+                properties=block.properties,
+            )
+        )
+    return TensorMap(tensor.keys, blocks)
+
+
+def _select_system(tensor: TensorMap, system_id: int) -> TensorMap:
+    """The samples of one structure, without the blocks where it has no atoms."""
+    selection = Labels(["system"], torch.tensor([[system_id]], dtype=torch.int32))
+    one = mts.slice(tensor, axis="samples", selection=selection.to(tensor.device))
+    return mts.drop_empty_blocks(mts.detach(one))

@@ -1,0 +1,255 @@
+"""The user-facing model: structures in, density coefficients out.
+
+A :class:`DensityModel` bundles everything a prediction needs: the target
+:class:`~rholearn.basis.BasisSet`, the lambda-SOAP hypers, the network (linear or
+nonlinear) and the invariant baseline. :meth:`DensityModel.save` writes all of it
+as plain data in one ``torch.save`` file.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import List, Optional, Sequence, Tuple
+
+import ase
+import ase.data
+import torch
+from metatensor.torch import TensorMap
+from metatomic.torch import System
+
+from ..basis import BasisSet
+from ..descriptors import DEFAULT_HYPERS, LambdaSoap
+from .baseline import Baseline
+from .linear import LinearModel
+from .nonlinear import NonlinearModel
+
+NETS = {"linear": LinearModel, "nonlinear": NonlinearModel}
+"""Network kinds by name, as stored in saved models."""
+
+FILE_FORMAT = "rholearn.DensityModel/1"
+
+Key = Tuple[int, int, int]
+
+
+class DensityModel(torch.nn.Module):
+    """Equivariant model of density coefficients in an auxiliary basis.
+
+    Parameters
+    ----------
+    basis : BasisSet
+        The target basis; fixes the elements, blocks and radial channels.
+    hypers : dict, optional
+        featomic ``SphericalExpansion`` hypers of the lambda-SOAP descriptor
+        (lengths in Angstrom). Default :data:`rholearn.descriptors.DEFAULT_HYPERS`.
+    model : {"linear", "nonlinear"}
+        Network kind, see :class:`LinearModel` and :class:`NonlinearModel`.
+    baseline : Baseline, optional
+        Invariant baseline added to the network output (e.g.
+        :meth:`Baseline.from_coefficients` of the training targets); copied.
+    dtype : torch.dtype
+    device : torch.device or str, optional
+    **model_options
+        Passed to the network constructor (``seed``, ``hidden_sizes``, ``width``).
+    """
+
+    def __init__(
+        self,
+        basis: BasisSet,
+        hypers: Optional[dict] = None,
+        model: str = "linear",
+        baseline: Optional[Baseline] = None,
+        dtype: torch.dtype = torch.float64,
+        device: Optional[torch.device] = None,
+        **model_options,
+    ):
+        super().__init__()
+        if model not in NETS:
+            raise ValueError(f"unknown model '{model}', expected one of {sorted(NETS)}")
+        self.basis = basis
+        self.hypers = copy.deepcopy(DEFAULT_HYPERS if hypers is None else hypers)
+        self.model_type = model
+        self.model_options = dict(model_options)
+        self.keys: List[Key] = basis.keys()
+        self.atom_types = [ase.data.atomic_numbers[s] for s in basis.elements]
+        self._descriptor = LambdaSoap(self.hypers, self.atom_types, self.keys, dtype, device)
+        n_features = self._descriptor.n_features()
+        self.in_features = [n_features[key] for key in self.keys]
+        self.out_features = [
+            basis.n_radial(ase.data.chemical_symbols[z])[l] for l, _, z in self.keys
+        ]
+        self.net = NETS[model](
+            self.keys, self.in_features, self.out_features,
+            dtype=dtype, device=device, **self.model_options,
+        )
+        # a copy of our own: moving the model must not move the caller's baseline
+        self.baseline = Baseline({} if baseline is None else baseline.to_dict(), dtype, device)
+        self._check_baseline()
+
+    # ------------------------------------------------------------ predict ---
+    @property
+    def dtype(self) -> torch.dtype:
+        """dtype of the network's parameters (follows :meth:`to`)."""
+        return next(self.net.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the network's parameters (follows :meth:`to`)."""
+        return next(self.net.parameters()).device
+
+    @property
+    def descriptor(self) -> LambdaSoap:
+        """The lambda-SOAP calculator, with the dtype and device of the network."""
+        if (self._descriptor.dtype, self._descriptor.device) != (self.dtype, self.device):
+            self._descriptor = LambdaSoap(
+                self.hypers, self.atom_types, self.keys, self.dtype, self.device
+            )
+        return self._descriptor
+
+    def forward(self, descriptor: TensorMap) -> TensorMap:
+        """Coefficients (baseline included) from a lambda-SOAP TensorMap.
+
+        Blocks absent from ``descriptor`` are absent from the output.
+        """
+        self._check_descriptor(descriptor)
+        return self.baseline(self.net(descriptor))
+
+    def predict(
+        self, frames: Sequence[ase.Atoms], system_ids: Optional[Sequence[int]] = None
+    ) -> TensorMap:
+        """Predict coefficients for ase structures (positions in Angstrom).
+
+        Returns a ``metatensor.torch.TensorMap`` in the layout of
+        :mod:`rholearn.layout`, ``system`` samples being ``system_ids``
+        (default ``0 .. len(frames) - 1``). A structure with an element the model
+        was not trained on raises a ``ValueError`` naming it.
+        """
+        ids = range(len(frames)) if system_ids is None else system_ids
+        for system_id, atoms in zip(ids, frames):
+            self._check_elements(atoms, f"structure {system_id}")
+        with torch.no_grad():
+            return self(self.descriptor.compute(frames, system_ids))
+
+    # ------------------------------------------------------------- checks ---
+    def check_targets(self, targets, where: str = "targets") -> None:
+        """Raise a ``ValueError`` naming the block of ``targets`` the model cannot fit.
+
+        ``targets`` is a coefficient TensorMap (metatensor-core or -torch).
+        """
+        expected = dict(zip(self.keys, self.out_features))
+        for key, block in targets.items():
+            key = tuple(int(key[name]) for name in ("o3_lambda", "o3_sigma", "center_type"))
+            name = f"{where}: block o3_lambda={key[0]}, o3_sigma={key[1]}, center_type={key[2]}"
+            if key not in expected:
+                raise ValueError(f"{name} is not in the model's basis '{self.basis.name}'")
+            if len(block.properties) != expected[key]:
+                raise ValueError(
+                    f"{name} has {len(block.properties)} radial functions, the model's "
+                    f"basis '{self.basis.name}' has {expected[key]}"
+                )
+
+    def _check_elements(self, atoms: ase.Atoms, where: str) -> None:
+        try:
+            self.basis.check_elements(atoms.get_chemical_symbols(), where)
+        except KeyError as error:
+            raise ValueError(
+                f"{where} ({atoms.get_chemical_formula()}) has an element the model was "
+                f"not trained on: {error.args[0]}"
+            ) from None
+
+    def _check_descriptor(self, descriptor: TensorMap) -> None:
+        expected = dict(zip(self.keys, self.in_features))
+        for key, block in descriptor.items():
+            key = tuple(int(x) for x in key.values)
+            if expected.get(key) != len(block.properties):
+                raise ValueError(
+                    f"descriptor block {key} (o3_lambda, o3_sigma, center_type) with "
+                    f"{len(block.properties)} properties does not fit the model, which "
+                    f"expects {expected.get(key, 'no such block')}"
+                )
+
+    def _check_baseline(self) -> None:
+        means = self.baseline.to_dict()
+        for z, values in means.items():
+            symbol = ase.data.chemical_symbols[z]
+            if symbol not in self.basis.shells:
+                raise ValueError(f"baseline has element {symbol}, not in basis '{self.basis.name}'")
+            if len(values) != self.basis.n_radial(symbol)[0]:
+                raise ValueError(
+                    f"baseline of {symbol} has {len(values)} radial channels, basis "
+                    f"'{self.basis.name}' has {self.basis.n_radial(symbol)[0]} for l=0"
+                )
+
+    # ---------------------------------------------------------------- I/O ---
+    def save(self, path: str) -> None:
+        """Write the whole model (plain data and tensors) to ``path`` atomically."""
+        state = {
+            "format": FILE_FORMAT,
+            "basis": self.basis.to_dict(),
+            "hypers": self.hypers,
+            "model": self.model_type,
+            "model_options": self.model_options,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "in_features": self.in_features,
+            "baseline": self.baseline.to_dict(),
+            "net_state": {k: _to_cpu(v) for k, v in self.net.state_dict().items()},
+        }
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str, device: Optional[torch.device] = None) -> "DensityModel":
+        """Read a model written by :meth:`save`; errors name the file."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch raises many types here
+            raise ValueError(f"cannot read model file '{path}': {error}") from error
+        if not isinstance(state, dict) or state.get("format") != FILE_FORMAT:
+            raise ValueError(f"'{path}' is not a rholearn model file ({FILE_FORMAT})")
+        dtype = getattr(torch, state["dtype"])
+        model = cls(
+            BasisSet.from_dict(state["basis"]),
+            hypers=state["hypers"],
+            model=state["model"],
+            baseline=Baseline(state["baseline"], dtype, device),
+            dtype=dtype,
+            device=device,
+            **state["model_options"],
+        )
+        if model.in_features != state["in_features"]:
+            raise ValueError(
+                f"model file '{path}': the descriptor now has {model.in_features} "
+                f"features per block, the model was trained with {state['in_features']} "
+                "(different featomic version?)"
+            )
+        model.net.load_state_dict(state["net_state"])
+        return model
+
+    def export(self, path: str) -> None:
+        """Save the whole model as TorchScript: metatomic systems -> coefficients.
+
+        The file loads with ``torch.jit.load`` without rholearn and is called on
+        ``metatomic.torch.systems_to_torch(frames, dtype=...)`` (Angstrom); its
+        ``system`` samples are ``0 .. len(systems) - 1``. It runs on the device
+        the model was on when exported.
+        """
+        exported = _ScriptableModel(self.descriptor.module, self.net, self.baseline)
+        torch.jit.save(torch.jit.script(exported), path)
+
+
+class _ScriptableModel(torch.nn.Module):
+    """The TorchScript-compatible pipeline of a :class:`DensityModel`."""
+
+    def __init__(self, descriptor: torch.nn.Module, net: torch.nn.Module, baseline: Baseline):
+        super().__init__()
+        self.descriptor = descriptor
+        self.net = net
+        self.baseline = baseline
+
+    def forward(self, systems: List[System]) -> TensorMap:
+        return self.baseline(self.net(self.descriptor(systems)))
+
+
+def _to_cpu(value):
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else value

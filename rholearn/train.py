@@ -1,0 +1,422 @@
+"""Training loop: minibatch Adam or full-batch LBFGS, validation, early stopping,
+checkpoints that resume a run exactly.
+
+A run writes into its own folder ``run_dir``::
+
+    options.json         the TrainOptions as used
+    log.csv              epoch, train_loss, val_loss, learning_rate, seconds
+    checkpoint_last.pt   the state after the latest checkpointed epoch
+    checkpoint_best.pt   the state after the epoch with the lowest validation loss
+                         (training loss without validation data)
+
+A checkpoint holds the model, optimizer and scheduler states, the epoch, the
+early-stopping counters, the history and every random state (torch, numpy,
+python ``random`` and the data loader's shuffling generator). A run
+interrupted and restarted with ``resume=True`` therefore ends with the same
+weights, bit for bit, as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+from metatensor.learn.data import IndexedDataset
+
+from .data import make_dataloader
+
+OPTIONS_FILE = "options.json"
+LOG_FILE = "log.csv"
+LAST_CHECKPOINT = "checkpoint_last.pt"
+BEST_CHECKPOINT = "checkpoint_best.pt"
+LOG_COLUMNS = ["epoch", "train_loss", "val_loss", "learning_rate", "seconds"]
+
+LossFunction = Callable[[Any, Any], torch.Tensor]
+"""``loss_fn(prediction, batch) -> scalar``: the loss of a batch, summed over its
+structures (so that the losses of the batches of an epoch add up)."""
+
+
+@dataclasses.dataclass
+class TrainOptions:
+    """Settings of a training run (written to ``run_dir/options.json``).
+
+    Parameters
+    ----------
+    epochs : int
+        Number of epochs to train up to (a resumed run continues to this).
+    batch_size : int
+        Structures per minibatch (Adam), or per chunk of the full-batch loss
+        (LBFGS: gradients are accumulated over chunks, so the autograd graph
+        of one chunk only is in memory; the data of all are).
+    optimizer : str
+        ``"adam"`` (minibatches, shuffled) or ``"lbfgs"`` (one full-batch step
+        of up to ``lbfgs_max_iter`` iterations per epoch; for linear models).
+    learning_rate : float
+        Initial learning rate.
+    lbfgs_max_iter : int
+        LBFGS iterations per epoch (strong-Wolfe line search).
+    scheduler : str or None
+        ``"plateau"`` (:class:`torch.optim.lr_scheduler.ReduceLROnPlateau` on the
+        validation loss) or ``None`` (constant learning rate).
+    scheduler_factor, scheduler_patience
+        Factor and patience (epochs) of the plateau scheduler.
+    early_stopping_patience : int or None
+        Stop after this many epochs without a lower validation loss; ``None``
+        never stops early.
+    seed : int
+        Seeds torch, numpy, python ``random`` and the shuffling generator.
+    device, dtype : str
+        Where and in which precision the model is trained (``"cpu"``,
+        ``"cuda"``; ``"float64"``, ``"float32"``). The datasets must return
+        tensors of the same kind.
+    checkpoint_every : int
+        Write ``checkpoint_last.pt`` every this many epochs (and always at the
+        end). ``checkpoint_best.pt`` is written whenever the validation loss
+        improves.
+    verbose : bool
+        Print one line per epoch.
+    """
+
+    epochs: int = 100
+    batch_size: int = 8
+    optimizer: str = "adam"
+    learning_rate: float = 1e-2
+    lbfgs_max_iter: int = 20
+    scheduler: Optional[str] = "plateau"
+    scheduler_factor: float = 0.5
+    scheduler_patience: int = 10
+    early_stopping_patience: Optional[int] = 50
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float64"
+    checkpoint_every: int = 10
+    verbose: bool = True
+
+    def __post_init__(self):
+        if self.optimizer not in ("adam", "lbfgs"):
+            raise ValueError(f"optimizer must be 'adam' or 'lbfgs', got '{self.optimizer}'")
+        if self.scheduler not in ("plateau", None):
+            raise ValueError(f"scheduler must be 'plateau' or None, got '{self.scheduler}'")
+        if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
+            raise ValueError(f"dtype must name a torch dtype, got '{self.dtype}'")
+        for name in ("epochs", "batch_size", "checkpoint_every", "lbfgs_max_iter"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+def train(
+    model: torch.nn.Module,
+    loss_fn: LossFunction,
+    train_data: IndexedDataset,
+    val_data: Optional[IndexedDataset],
+    options: TrainOptions,
+    run_dir: str,
+    resume: bool = False,
+) -> List[Dict[str, float]]:
+    """Train ``model`` and return the history, one dict per epoch.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        Maps a batch's ``descriptor`` TensorMap to a prediction (coefficients
+        TensorMap). Moved to ``options.device`` and ``options.dtype``. It holds
+        the weights of the last epoch on return; the best ones are in
+        ``run_dir/checkpoint_best.pt`` (:func:`load_checkpoint`).
+    loss_fn : callable
+        ``loss_fn(prediction, batch) -> scalar tensor``, summed over the
+        structures of the batch; ``batch`` is the collated batch (fields
+        ``sample_id``, ``frame``, ``descriptor``, ``coefficients``, ...).
+    train_data, val_data : IndexedDataset
+        From :func:`rholearn.data.make_dataset`, with a ``descriptor`` field.
+        Without ``val_data`` the training loss drives the scheduler, early
+        stopping and the best checkpoint.
+    options : TrainOptions
+    run_dir : str
+        Output folder, created if needed.
+    resume : bool
+        Continue from ``run_dir/checkpoint_last.pt`` if it exists. Without it a
+        ``run_dir`` that already holds a checkpoint is refused.
+
+    Returns
+    -------
+    list of dict
+        Per epoch (also those before a resume): ``epoch``, ``train_loss`` and
+        ``val_loss`` (per structure), ``learning_rate``, ``seconds``.
+    """
+    os.makedirs(run_dir, exist_ok=True)
+    last_path = os.path.join(run_dir, LAST_CHECKPOINT)
+    if os.path.exists(last_path) and not resume:
+        raise FileExistsError(
+            f"'{run_dir}' already holds a training run ('{last_path}'); pass "
+            "resume=True to continue it or choose another run_dir"
+        )
+    _seed_everything(options.seed)
+    model.to(device=torch.device(options.device), dtype=options.torch_dtype)
+    generator = torch.Generator().manual_seed(options.seed)
+    train_loader = make_dataloader(
+        train_data,
+        options.batch_size,
+        shuffle=options.optimizer == "adam",
+        generator=generator,
+    )
+    val_loader = None if val_data is None else make_dataloader(val_data, options.batch_size)
+    optimizer = _optimizer(model, options)
+    scheduler = _scheduler(optimizer, options)
+    state = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "stale_epochs": 0, "history": []}
+
+    if resume and os.path.exists(last_path):
+        checkpoint = load_checkpoint(last_path, model, optimizer, scheduler, generator)
+        state = {name: checkpoint[name] for name in state}
+        _warn_if_options_changed(checkpoint["options"], options, last_path)
+    _write_json(os.path.join(run_dir, OPTIONS_FILE), dataclasses.asdict(options))
+    _write_log(os.path.join(run_dir, LOG_FILE), state["history"])
+
+    run_epoch = _adam_epoch if options.optimizer == "adam" else _lbfgs_epoch
+    for epoch in range(state["epoch"] + 1, options.epochs + 1):
+        if _should_stop(state, options):
+            break
+        start = time.perf_counter()
+        train_loss = run_epoch(model, loss_fn, train_loader, optimizer)
+        val_loss = math.nan if val_loader is None else evaluate(model, loss_fn, val_loader)
+        monitored = train_loss if val_loader is None else val_loss
+        if scheduler is not None:
+            scheduler.step(monitored)
+        record = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "learning_rate": optimizer.param_groups[0]["lr"],
+            "seconds": time.perf_counter() - start,
+        }
+        improved = _record_epoch(state, record, monitored)
+        _append_log(os.path.join(run_dir, LOG_FILE), record)
+        if options.verbose:
+            print(_progress_line(record, options.epochs, improved), flush=True)
+
+        checkpoint = _checkpoint(state, model, optimizer, scheduler, generator, options)
+        if improved:
+            save_checkpoint(checkpoint, os.path.join(run_dir, BEST_CHECKPOINT))
+        if epoch % options.checkpoint_every == 0 or epoch == options.epochs or _should_stop(
+            state, options
+        ):
+            save_checkpoint(checkpoint, last_path)
+    return state["history"]
+
+
+def evaluate(model: torch.nn.Module, loss_fn: LossFunction, loader) -> float:
+    """Loss per structure of ``model`` over all batches of ``loader``."""
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in loader:
+            total += float(loss_fn(model(batch.descriptor), batch))
+            count += len(batch.sample_id)
+    return total / count
+
+
+# -------------------------------------------------------------- checkpoints ---
+def save_checkpoint(checkpoint: Dict[str, Any], path: str) -> None:
+    """``torch.save`` to a temporary file renamed to ``path``: the file at
+    ``path`` is always a complete checkpoint, even if the process is killed."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(
+    path: str,
+    model: torch.nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Optional[Any] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Dict[str, Any]:
+    """Restore the states saved in a checkpoint and return it.
+
+    Only ``model`` is needed to get trained weights back (for instance from
+    ``checkpoint_best.pt``); the optimizer, scheduler, loader generator and
+    the global random states are restored when ``generator`` is given, as
+    :func:`train` does to resume. Checkpoints are pickles: only load trusted
+    files.
+    """
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    model.load_state_dict(checkpoint["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(checkpoint["scheduler"])
+    if generator is not None:
+        _set_random_states(checkpoint["random_states"], generator)
+    return checkpoint
+
+
+def _checkpoint(state, model, optimizer, scheduler, generator, options) -> Dict[str, Any]:
+    return {
+        **state,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": None if scheduler is None else scheduler.state_dict(),
+        "random_states": _random_states(generator),
+        "options": dataclasses.asdict(options),
+    }
+
+
+def _random_states(generator: torch.Generator) -> Dict[str, Any]:
+    states = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+        "loader": generator.get_state(),
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_random_states(states: Dict[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    generator.set_state(states["loader"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+# ---------------------------------------------------------------- one epoch ---
+def _adam_epoch(model, loss_fn, loader, optimizer) -> float:
+    """One pass of minibatch steps; the mean loss per structure during the pass."""
+    model.train()
+    total, count = 0.0, 0
+    for batch in loader:
+        optimizer.zero_grad()
+        loss = loss_fn(model(batch.descriptor), batch)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+        count += len(batch.sample_id)
+    return total / count
+
+
+def _lbfgs_epoch(model, loss_fn, loader, optimizer) -> float:
+    """One LBFGS step on the full-batch loss; the loss per structure before it.
+
+    The batches are read once per epoch and kept in memory, as every
+    evaluation of the line search runs over all of them.
+    """
+    model.train()
+    batches = list(loader)
+    count = sum(len(batch.sample_id) for batch in batches)
+
+    def closure():
+        optimizer.zero_grad()
+        total = 0.0
+        for batch in batches:  # gradients accumulate over the chunks
+            loss = loss_fn(model(batch.descriptor), batch)
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    return float(optimizer.step(closure)) / count
+
+
+def _optimizer(model: torch.nn.Module, options: TrainOptions) -> torch.optim.Optimizer:
+    if options.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=options.learning_rate)
+    return torch.optim.LBFGS(
+        model.parameters(),
+        lr=options.learning_rate,
+        max_iter=options.lbfgs_max_iter,
+        line_search_fn="strong_wolfe",
+    )
+
+
+def _scheduler(optimizer, options: TrainOptions):
+    if options.scheduler is None:
+        return None
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, factor=options.scheduler_factor, patience=options.scheduler_patience
+    )
+
+
+def _record_epoch(state: Dict[str, Any], record: Dict[str, float], monitored: float) -> bool:
+    """Add an epoch to the run's state; whether ``monitored`` is the best loss yet."""
+    state["history"].append(record)
+    state["epoch"] = record["epoch"]
+    improved = monitored < state["best_loss"]
+    if improved:
+        state.update(best_loss=monitored, best_epoch=record["epoch"], stale_epochs=0)
+    else:
+        state["stale_epochs"] += 1
+    return improved
+
+
+def _warn_if_options_changed(saved: Dict[str, Any], options: TrainOptions, path: str) -> None:
+    """Resuming with other settings (but more epochs) does not reproduce a run."""
+    changed = {
+        name: (value, getattr(options, name))
+        for name, value in saved.items()
+        if name not in ("epochs", "verbose") and value != getattr(options, name)
+    }
+    if changed:
+        warnings.warn(
+            f"resuming '{path}' with changed options (saved, now): {changed}; the "
+            "result will differ from an uninterrupted run",
+            stacklevel=3,
+        )
+
+
+def _should_stop(state: Dict[str, Any], options: TrainOptions) -> bool:
+    patience = options.early_stopping_patience
+    return patience is not None and state["stale_epochs"] >= patience
+
+
+# -------------------------------------------------------------------- logs ---
+def _write_json(path: str, data: Dict[str, Any]) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _write_log(path: str, history: List[Dict[str, float]]) -> None:
+    """Start the CSV log afresh from ``history`` (on resume: drops epochs after
+    the checkpoint, which the resumed run recomputes)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, LOG_COLUMNS)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def _append_log(path: str, record: Dict[str, float]) -> None:
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, LOG_COLUMNS).writerow(record)
+
+
+def _progress_line(record: Dict[str, float], epochs: int, improved: bool) -> str:
+    return (
+        f"epoch {record['epoch']:>5}/{epochs}  train {record['train_loss']:.6e}  "
+        f"val {record['val_loss']:.6e}  lr {record['learning_rate']:.2e}  "
+        f"{record['seconds']:.2f} s" + ("  *" if improved else "")
+    )

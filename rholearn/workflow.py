@@ -1,0 +1,298 @@
+"""The whole pipeline in three calls: fit, evaluate, predict.
+
+This module is the top layer: it composes the learning modules of rholearn with
+:mod:`rhocalc` (for the real-space errors, which need the quantum-chemistry
+basis functions and the SCF density). Everything below it stays free of
+quantum-chemistry codes.
+
+Typical use, after ``rhocalc pyscf structures.xyz --out dataset``::
+
+    from rholearn import workflow
+    result = workflow.fit("dataset", "run", workflow.FitOptions(n_train=80, n_val=10))
+    errors = workflow.evaluate(result.model, "dataset", result.split["test"])
+    workflow.predict(result.model, new_frames, "predictions")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+import ase
+import torch
+import tqdm
+
+from . import layout
+from .data import StructureDescriptors, TargetFile, make_dataset, read_dataset, split_indices
+from .loss import CoefficientLoss, OverlapLoss, ProjectionLoss
+from .metrics import error_summary, overlap_norms
+from .models import Baseline, DensityModel
+from .train import BEST_CHECKPOINT, TrainOptions, load_checkpoint, train
+
+LOSSES = {"coefficient": CoefficientLoss, "overlap": OverlapLoss, "projection": ProjectionLoss}
+"""Loss functions by name (see :mod:`rholearn.loss`)."""
+
+MODEL_FILE = "model.pt"
+SPLIT_FILE = "split.json"
+FIT_FILE = "fit.json"
+"""The dataset a run was trained on and its :class:`FitOptions`."""
+DESCRIPTOR_CACHE = "descriptors"
+
+
+@dataclasses.dataclass
+class FitOptions:
+    """What to train, on which structures (written to ``run_dir/fit.json``).
+
+    Parameters
+    ----------
+    model : {"linear", "nonlinear"}
+        See :class:`rholearn.models.DensityModel`.
+    loss : {"overlap", "projection", "coefficient"}
+        ``"overlap"``: the real-space L2 error ``dc^T S dc``; ``"projection"``:
+        the same up to a constant, from the projections only; ``"coefficient"``:
+        plain squared coefficient errors.
+    n_train, n_val, n_test : int, optional
+        Split sizes (``n_test`` defaults to the rest); without them 80/10/10 %.
+    split_seed : int
+        Seed of the random split.
+    hypers : dict, optional
+        lambda-SOAP hypers (featomic ``SphericalExpansion``, Angstrom); default
+        :data:`rholearn.descriptors.DEFAULT_HYPERS`.
+    model_options : dict
+        Passed to the network (``seed``, ``hidden_sizes``, ...).
+    train : TrainOptions
+        Optimiser, epochs, device, ...
+    """
+
+    model: str = "linear"
+    loss: str = "overlap"
+    n_train: Optional[int] = None
+    n_val: Optional[int] = None
+    n_test: Optional[int] = None
+    split_seed: int = 0
+    hypers: Optional[dict] = None
+    model_options: dict = dataclasses.field(default_factory=dict)
+    train: TrainOptions = dataclasses.field(default_factory=TrainOptions)
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {sorted(LOSSES)}, got '{self.loss}'")
+        if isinstance(self.train, dict):
+            self.train = TrainOptions(**self.train)
+
+
+@dataclasses.dataclass
+class FitResult:
+    """A trained model (best validation weights), its history and its split."""
+
+    model: DensityModel
+    history: List[Dict[str, float]]
+    split: Dict[str, List[int]]
+    run_dir: str
+
+
+def fit(
+    dataset: str, run_dir: str, options: FitOptions = FitOptions(), resume: bool = False
+) -> FitResult:
+    """Train a :class:`DensityModel` on a target dataset written by rhocalc.
+
+    Splits the completed structures, fits the invariant baseline on the
+    training targets, computes lambda-SOAP descriptors once (cached in
+    ``run_dir/descriptors``), trains, and writes ``run_dir/model.pt`` with the
+    weights of the best validation epoch. ``resume=True`` continues an
+    interrupted run in the same ``run_dir`` exactly where it stopped.
+    """
+    folder = read_dataset(dataset)
+    split = dict(
+        zip(
+            ("train", "val", "test"),
+            _split(folder.indices, options),
+        )
+    )
+    if not split["train"]:
+        raise ValueError(f"no training structures: {len(folder.indices)} completed in '{dataset}'")
+    os.makedirs(run_dir, exist_ok=True)
+    _write_json(os.path.join(run_dir, SPLIT_FILE), split)
+    _write_json(
+        os.path.join(run_dir, FIT_FILE),
+        {"dataset": os.path.abspath(dataset), "options": dataclasses.asdict(options)},
+    )
+
+    dtype = options.train.torch_dtype
+    coefficients = TargetFile(folder.root, layout.COEFFICIENTS_FILE, dtype, torch.device("cpu"))
+    baseline = Baseline.from_coefficients(coefficients(i) for i in split["train"])
+    model = DensityModel(
+        folder.basis, options.hypers, options.model, baseline, dtype=dtype, **options.model_options
+    )
+    cache = os.path.join(run_dir, DESCRIPTOR_CACHE)
+    _fill_descriptor_cache(model, folder.frames, split["train"] + split["val"], cache)
+    descriptors = StructureDescriptors(model.descriptor, folder.frames, cache)
+    targets = ("coefficients",) if options.loss == "coefficient" else ("coefficients", "projections", "overlap")
+    datasets = {
+        name: make_dataset(folder, split[name], descriptors, targets, dtype, options.train.device)
+        for name in ("train", "val")
+    }
+    history = train(
+        model,
+        LOSSES[options.loss](),
+        datasets["train"],
+        datasets["val"] if split["val"] else None,
+        options.train,
+        run_dir,
+        resume=resume,
+    )
+    load_checkpoint(os.path.join(run_dir, BEST_CHECKPOINT), model)
+    model.save(os.path.join(run_dir, MODEL_FILE))
+    return FitResult(model=model, history=history, split=split, run_dir=run_dir)
+
+
+def _fill_descriptor_cache(model, frames, indices, cache_dir, batch_size: int = 16) -> None:
+    """Compute the descriptors of ``indices`` in batches (one featomic call per
+    batch is much cheaper than one per structure) into the cache folder."""
+    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    for batch in tqdm.tqdm(batches, desc="lambda-SOAP", unit="batch", disable=not batches):
+        model.descriptor.compute_cached([frames[i] for i in batch], batch, cache_dir)
+
+
+def _split(indices: Sequence[int], options: FitOptions):
+    if options.n_train is None and options.n_val is None:
+        return split_indices(indices, fractions=(0.8, 0.1, 0.1), seed=options.split_seed)
+    return split_indices(
+        indices, options.n_train, options.n_val, options.n_test, seed=options.split_seed
+    )
+
+
+def evaluate(
+    model: DensityModel,
+    dataset: str,
+    indices: Optional[Sequence[int]] = None,
+    real_space: bool = True,
+    grid_level: int = 3,
+    progress: bool = True,
+) -> Dict[str, object]:
+    """Errors of a model's predictions on structures of a dataset, in %.
+
+    Per structure, and aggregated over ``indices`` (default: all completed):
+
+    - ``relative_l2_percent``: ``100 sqrt(dc^T S dc / c^T S c)`` against the
+      fitted (RI) coefficients;
+    - ``rmse_percent``: SALTED's ``100 sqrt(sum dc^T S dc / sum (c - c_base)^T S
+      (c - c_base))``, the error relative to the spread around the baseline;
+    - with ``real_space`` (Gaussian bases, i.e. PySCF targets): the real-space
+      L1 error ``100 int |rho_ML - rho| / N`` on a PySCF grid of ``grid_level``,
+      against the RI density (``l1_vs_ri_percent``) and the SCF density
+      (``l1_vs_scf_percent``, the SCF is rerun with the options stored in
+      the structure's ``info.json``), and the basis's own error
+      ``ri_l1_vs_scf_percent``, so the model's error can be told from the basis's.
+
+    Returns
+    -------
+    dict
+        ``structures``: one dict per structure; ``summary``: means (and the set
+        RMSE); ``seconds``: prediction and real-space timings.
+    """
+    folder = read_dataset(dataset, basis=model.basis)
+    indices = list(folder.indices if indices is None else indices)
+    files = {
+        name: TargetFile(folder.root, file_name, model.dtype, model.device)
+        for name, file_name in (
+            ("coefficients", layout.COEFFICIENTS_FILE),
+            ("overlap", layout.OVERLAP_FILE),
+        )
+    }
+    rows, norms = [], []
+    seconds = {"predict": 0.0, "real_space": 0.0}
+    for index in tqdm.tqdm(indices, desc="evaluate", unit="structure", disable=not progress):
+        atoms = folder.frames[index]
+        start = time.perf_counter()
+        prediction = model.predict([atoms], [index])
+        seconds["predict"] += time.perf_counter() - start
+        reference = files["coefficients"](index)
+        model.check_targets(reference, where=f"structure {index}")
+        norm = overlap_norms(prediction, reference, files["overlap"](index), model.baseline.means)
+        norms.append(norm)
+        row = {
+            "index": index,
+            "formula": atoms.get_chemical_formula(),
+            "relative_l2_percent": float(100 * torch.sqrt(norm.squared_errors / norm.norms)),
+        }
+        if real_space:
+            start = time.perf_counter()
+            row.update(_real_space_errors(atoms, prediction, reference, folder, index, grid_level))
+            seconds["real_space"] += time.perf_counter() - start
+        rows.append(row)
+    summary = error_summary(norms)
+    aggregate = {
+        "n_structures": len(rows),
+        "relative_l2_percent": summary["relative_l2_percent"]["mean"],
+        "rmse_percent": summary.get("rmse_percent"),
+    }
+    for name in ("l1_vs_ri_percent", "l1_vs_scf_percent", "ri_l1_vs_scf_percent"):
+        if rows and name in rows[0]:
+            aggregate[name] = sum(row[name] for row in rows) / len(rows)
+    seconds["predict_per_structure"] = seconds["predict"] / max(len(rows), 1)
+    return {"structures": rows, "summary": aggregate, "seconds": seconds}
+
+
+def _real_space_errors(atoms, prediction, reference, folder, index, grid_level) -> Dict[str, float]:
+    """L1 errors (%) of the predicted density against the RI and SCF densities."""
+    from rhocalc.pyscf import PySCFOptions, run_scf
+    from rhocalc import realspace
+
+    with open(os.path.join(layout.structure_dir(folder.root, index), layout.INFO_FILE)) as f:
+        info = json.load(f)
+    points, weights = realspace.integration_grid(atoms, grid_level)
+    rho_ml = realspace.density_at_points(prediction, atoms, folder.basis, points)
+    rho_ri = realspace.density_at_points(reference, atoms, folder.basis, points)
+    scf = run_scf(atoms, PySCFOptions(**info["options"]), name=f"structure {index}")
+    rho_scf = realspace.scf_density_at_points(scf, points)
+    n_electrons = scf.mol.nelectron
+    return {
+        "l1_vs_ri_percent": realspace.real_space_l1_percent(rho_ml, rho_ri, weights, n_electrons),
+        "l1_vs_scf_percent": realspace.real_space_l1_percent(rho_ml, rho_scf, weights, n_electrons),
+        "ri_l1_vs_scf_percent": realspace.real_space_l1_percent(rho_ri, rho_scf, weights, n_electrons),
+    }
+
+
+def predict(
+    model: DensityModel,
+    frames: Sequence[ase.Atoms],
+    out: str,
+    cube: bool = False,
+    cube_spacing: float = 0.2,
+    progress: bool = True,
+) -> List[str]:
+    """Predict coefficients for new structures; no quantum chemistry involved.
+
+    Writes ``out/<i>/coefficients.mts`` (the shared layout, ``system = i``) and,
+    with ``cube``, ``out/<i>/density.cube`` (Gaussian bases only; grid spacing
+    ``cube_spacing`` in Angstrom, density in electrons/Bohr^3 as the cube format
+    uses). Returns the structure folders.
+    """
+    folders = []
+    for index, atoms in enumerate(
+        tqdm.tqdm(frames, desc="predict", unit="structure", disable=not progress)
+    ):
+        coefficients = model.predict([atoms], [index])
+        folder = layout.structure_dir(out, index)
+        os.makedirs(folder, exist_ok=True)
+        layout.save(os.path.join(folder, layout.COEFFICIENTS_FILE), coefficients)
+        if cube:
+            from rhocalc.realspace import write_cube
+
+            write_cube(
+                os.path.join(folder, "density.cube"), atoms, coefficients, model.basis,
+                spacing=cube_spacing,
+            )
+        folders.append(folder)
+    return folders
+
+
+def _write_json(path: str, data) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)

@@ -1,0 +1,186 @@
+"""The resumable batch driver, run with the PySCF backend on small molecules."""
+
+import concurrent.futures
+import fcntl
+import functools
+import json
+import multiprocessing
+import os
+
+import ase.build
+import ase.io
+import metatensor
+import numpy as np
+import pytest
+
+from rholearn import layout
+from rholearn.basis import BasisSet
+from rhocalc.batch import DatasetError, read_failures, read_structures, run_batch
+from rhocalc.pyscf import PySCFOptions, basis_set, compute_targets
+from rhocalc.targets import Targets
+
+# Hartree-Fock in minimal bases: the SCF costs a fraction of a second
+OPTIONS = PySCFOptions(xc="HF", basis="sto-3g", auxbasis="cc-pvdz-jkfit", grid_level=0)
+COMPUTE = functools.partial(compute_targets, options=OPTIONS)
+MOLECULES = ["H2O", "NH3", "CH4"]
+BASIS = basis_set(OPTIONS.auxbasis, ["H", "C", "N", "O"])
+
+
+def molecules():
+    return [ase.build.molecule(name) for name in MOLECULES]
+
+
+def dataset_files(out):
+    """Relative path -> (bytes, mtime) of every file of a dataset, lock file aside."""
+    files = {}
+    for folder, _, names in os.walk(out):
+        for name in names:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as f:
+                files[os.path.relpath(path, out)] = (f.read(), os.stat(path).st_mtime_ns)
+    files.pop(".lock")
+    return files
+
+
+def assert_same_targets(out_a, out_b, index):
+    a = Targets.read(layout.structure_dir(out_a, index))
+    b = Targets.read(layout.structure_dir(out_b, index))
+    for name in ("coefficients", "projections", "overlap"):
+        # threads may change the last digits of the SCF, nothing else
+        assert metatensor.allclose(getattr(a, name), getattr(b, name), rtol=0, atol=1e-9)
+    assert a.info["energy_hartree"] == pytest.approx(b.info["energy_hartree"], abs=1e-10)
+
+
+@pytest.fixture(scope="module")
+def serial_dataset(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("serial") / "dataset")
+    report = run_batch(molecules(), out, COMPUTE, BASIS, progress=False)
+    return out, report
+
+
+def test_writes_the_dataset_layout(serial_dataset):
+    out, report = serial_dataset
+    assert (report.done, report.skipped, report.failed) == ([0, 1, 2], [], [])
+    assert BasisSet.load(os.path.join(out, layout.BASIS_FILE)) == BASIS
+    written = read_structures(os.path.join(out, layout.STRUCTURES_FILE))
+    for atoms, expected in zip(written, molecules(), strict=True):
+        assert atoms.get_chemical_formula() == expected.get_chemical_formula()
+        np.testing.assert_allclose(atoms.positions, expected.positions, atol=1e-8)
+    for index, atoms in enumerate(molecules()):
+        targets = Targets.read(layout.structure_dir(out, index))
+        vector = layout.tensormap_to_vector(targets.coefficients, atoms.numbers, BASIS)
+        assert np.isfinite(vector).all()
+        systems = targets.coefficients.block(0).samples.column("system")
+        assert set(systems.tolist()) == {index}
+        assert targets.info["formula"] == atoms.get_chemical_formula()
+    assert not os.path.exists(os.path.join(out, layout.FAILURES_FILE))
+    assert not [name for name in os.listdir(out) if name.startswith(".tmp")]
+
+
+def test_rerun_skips_everything_and_changes_no_file(serial_dataset):
+    out, _ = serial_dataset
+    before = dataset_files(out)
+    report = run_batch(molecules(), out, COMPUTE, BASIS, progress=False)
+    assert (report.done, report.skipped, report.failed) == ([], [0, 1, 2], [])
+    assert dataset_files(out) == before
+
+
+def test_refuses_other_structures_or_basis(serial_dataset):
+    out, _ = serial_dataset
+    before = dataset_files(out)
+    with pytest.raises(DatasetError, match="structures.xyz.*structure 0 is H2O there"):
+        run_batch(molecules()[::-1], out, COMPUTE, BASIS, progress=False)
+    with pytest.raises(DatasetError, match="3 structures there, 2 requested"):
+        run_batch(molecules()[:2], out, COMPUTE, BASIS, progress=False)
+    moved = molecules()
+    moved[1].positions[0, 0] += 1e-3
+    with pytest.raises(DatasetError, match="structure 1"):
+        run_batch(moved, out, COMPUTE, BASIS, progress=False)
+    other_basis = basis_set("def2-universal-jkfit", ["H", "C", "N", "O"])
+    with pytest.raises(DatasetError, match="another auxiliary basis"):
+        run_batch(molecules(), out, COMPUTE, other_basis, progress=False)
+    assert dataset_files(out) == before
+
+
+def test_process_pool_gives_the_serial_results(serial_dataset, tmp_path):
+    out, _ = serial_dataset
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(2, mp_context=context) as pool:
+        report = run_batch(
+            molecules(), str(tmp_path), COMPUTE, BASIS, executor=pool, progress=False
+        )
+    assert (report.done, report.failed) == ([0, 1, 2], [])
+    for index in range(len(MOLECULES)):
+        assert_same_targets(out, str(tmp_path), index)
+
+
+def test_failures_are_recorded_and_retried(tmp_path):
+    out = str(tmp_path)
+    # helium is not in cc-pvdz-jkfit
+    structures = [ase.build.molecule("H2O"), ase.Atoms("He"), ase.build.molecule("NH3")]
+    not_converging = functools.partial(
+        compute_targets, options=PySCFOptions(**{**OPTIONS.to_dict(), "max_cycle": 1})
+    )
+    report = run_batch(structures, out, not_converging, BASIS, progress=False)
+    assert (report.done, report.failed) == ([], [0, 1, 2])
+    failures = read_failures(out)
+    assert failures[0].structure == "H2O"
+    assert failures[0].error == "SCFNotConverged"
+    assert "H2O" in failures[0].reason and "max_cycle=1" in failures[0].reason
+
+    # the rerun retries all three: two succeed and leave failures.json
+    report = run_batch(structures, out, COMPUTE, BASIS, progress=False)
+    assert (report.done, report.skipped, report.failed) == ([0, 2], [], [1])
+    failures = read_failures(out)
+    assert list(failures) == [1]
+    assert failures[1].structure == "He"
+    assert failures[1].error == "KeyError"
+    assert failures[1].reason.startswith("structure 1 (He): element(s) ['He'] not in")
+    assert "cc-pvdz-jkfit" in failures[1].reason
+    with open(os.path.join(out, layout.FAILURES_FILE)) as f:
+        assert json.load(f)["1"]["structure"] == "He"
+    assert sorted(os.listdir(out)) == sorted(
+        [".lock", "0", "2", layout.BASIS_FILE, layout.STRUCTURES_FILE, layout.FAILURES_FILE]
+    )
+
+
+def test_element_missing_from_the_dataset_basis_fails_before_computing(tmp_path):
+    """F is in PySCF's cc-pvdz-jkfit, but not in this dataset's basis.json."""
+    structures = [ase.build.molecule("H2O"), ase.build.molecule("HF")]
+    assert "F" not in BASIS.shells
+    report = run_batch(structures, str(tmp_path), COMPUTE, BASIS, progress=False)
+    assert (report.done, report.failed) == ([0], [1])
+    failure = read_failures(str(tmp_path))[1]
+    assert failure.error == "KeyError"
+    assert "structure 1 (HF)" in failure.reason and "['F']" in failure.reason
+
+
+def test_removes_stale_temporary_folders(tmp_path):
+    out = str(tmp_path)
+    structures = [ase.build.molecule("H2")]
+    basis = basis_set(OPTIONS.auxbasis, ["H"])
+    os.makedirs(os.path.join(out, ".tmp-0-12345"))  # as a killed Targets.write leaves it
+    report = run_batch(structures, out, COMPUTE, basis, progress=False)
+    assert report.done == [0]
+    assert sorted(os.listdir(out)) == [".lock", "0", layout.BASIS_FILE, layout.STRUCTURES_FILE]
+
+
+def test_refuses_a_folder_another_run_is_writing(tmp_path):
+    with open(tmp_path / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with pytest.raises(DatasetError, match="another run is writing"):
+            run_batch(molecules(), str(tmp_path), COMPUTE, BASIS, progress=False)
+
+
+def test_unreadable_structure_files_are_named(tmp_path):
+    missing = str(tmp_path / "missing.xyz")
+    with pytest.raises(DatasetError, match="missing.xyz"):
+        read_structures(missing)
+    garbage = tmp_path / "garbage.xyz"
+    garbage.write_text("this is not\nan xyz file\n")
+    with pytest.raises(DatasetError, match="garbage.xyz"):
+        read_structures(str(garbage))
+    ase.io.write(tmp_path / "two.xyz", molecules()[:2])
+    assert len(read_structures(str(tmp_path / "two.xyz"), index="1")) == 1
+    with pytest.raises(DatasetError, match="two.xyz"):
+        read_structures(str(tmp_path / "two.xyz"), index="5")

@@ -1,0 +1,147 @@
+"""Sparse overlap products against dense numpy ones, on real PySCF overlaps."""
+
+import numpy as np
+import pytest
+import metatensor.torch as mts
+import torch
+
+import overlap_systems as data
+from rholearn.overlap import (
+    SparseOverlap,
+    align_samples,
+    bilinear_form,
+    overlap_matvec,
+    per_system_dot,
+    systems_of,
+)
+
+
+@pytest.fixture(scope="module")
+def structures():
+    return data.batch()
+
+
+@pytest.fixture(scope="module")
+def overlap(structures):
+    return data.overlaps(structures)
+
+
+def test_bilinear_form_matches_dense_in_any_sample_order(structures, overlap):
+    a = data.coefficients(structures, data.random_vectors(structures, seed=0))
+    b = data.coefficients(structures, data.random_vectors(structures, seed=1))
+    systems, values = bilinear_form(
+        data.shuffled(a, seed=2), data.shuffled(b, seed=3), data.shuffled(overlap, seed=4)
+    )
+    assert systems.tolist() == [s.system for s in structures]
+    expected = [
+        data.dense_vector(a, s) @ s.overlap @ data.dense_vector(b, s) for s in structures
+    ]
+    np.testing.assert_allclose(values.numpy(), expected, rtol=1e-12)
+
+
+def test_blocks_with_different_pairs(structures, overlap):
+    """A pair missing from one (o3_lambda_1, o3_lambda_2) block only counts as zero there."""
+    blocks = []
+    for key, block in overlap.items():
+        keep = slice(None)
+        if [int(key[name]) for name in overlap.keys.names] == [1, 1, 8, 1]:
+            keep = slice(1, None)  # drop the first (O, H) pair of the p-p block
+        samples = mts.Labels(block.samples.names, block.samples.values[keep])
+        blocks.append(
+            mts.TensorBlock(block.values[keep], samples, block.components, block.properties)
+        )
+    holed = mts.TensorMap(overlap.keys, blocks)
+    a = data.coefficients(structures, data.random_vectors(structures, seed=17))
+    _, values = bilinear_form(a, a, holed)
+    matrices = [data.dense_matrix(holed, s) for s in structures]
+    assert np.abs(matrices[0] - structures[0].overlap).max() > 1e-3  # the hole, in water
+    expected = [
+        data.dense_vector(a, s) @ matrix @ data.dense_vector(a, s)
+        for s, matrix in zip(structures, matrices)
+    ]
+    np.testing.assert_allclose(values.numpy(), expected, rtol=1e-12)
+
+
+def test_matvec_matches_dense(structures, overlap):
+    a = data.shuffled(data.coefficients(structures, data.random_vectors(structures, seed=5)), 6)
+    product = overlap_matvec(a, overlap)
+    assert product.keys == a.keys
+    for s in structures:
+        np.testing.assert_allclose(
+            data.dense_vector(product, s), s.overlap @ data.dense_vector(a, s), atol=1e-13
+        )
+
+
+def test_per_system_dot_is_the_euclidean_product(structures):
+    a = data.coefficients(structures, data.random_vectors(structures, seed=7))
+    b = data.shuffled(data.coefficients(structures, data.random_vectors(structures, seed=8)), 9)
+    b = align_samples(b, a)
+    values = per_system_dot(a, b, systems_of(a))
+    expected = [data.dense_vector(a, s) @ data.dense_vector(b, s) for s in structures]
+    np.testing.assert_allclose(values.numpy(), expected, rtol=1e-12)
+
+
+def test_float32(structures, overlap):
+    a = data.coefficients(structures, data.random_vectors(structures, seed=10))
+    _, reference = bilinear_form(a, a, overlap)
+    a_single = a.to(dtype=torch.float32)
+    _, single = bilinear_form(a_single, a_single, overlap.to(dtype=torch.float32))
+    assert single.dtype == torch.float32
+    np.testing.assert_allclose(single.numpy(), reference.numpy(), rtol=1e-5)
+
+
+def test_sparse_overlap_errors(structures, overlap):
+    a = data.coefficients(structures, data.random_vectors(structures, seed=11))
+    with pytest.raises(ValueError, match="float32 on cpu but the coefficients are torch.float64"):
+        SparseOverlap(overlap.to(dtype=torch.float32), a)
+    fewer = data.coefficients(structures[:2], data.random_vectors(structures[:2], seed=12))
+    with pytest.raises(KeyError, match="has no coefficient block o3_lambda=0, center_type=6"):
+        SparseOverlap(overlap, fewer)
+    with pytest.raises(KeyError, match=r"no overlap blocks for system\(s\) \[7\]"):
+        SparseOverlap(data.overlaps(structures[:2]), a)
+    water_overlap = data.overlaps([data.structure("H2O", system=3)])
+    water = data.coefficients([structures[0]], data.random_vectors([structures[0]], seed=0))
+    with pytest.raises(ValueError, match="a must have the keys and samples of the layout"):
+        SparseOverlap(water_overlap, water).quadratic(data.shuffled(water, seed=1))
+
+
+def test_blocks_of_one_element_must_hold_the_same_atoms(structures, overlap):
+    a = data.coefficients(structures, data.random_vectors(structures, seed=16))
+    blocks = []
+    for key, block in a.items():
+        samples = block.samples.values.clone()
+        if (int(key["o3_lambda"]), int(key["center_type"])) == (1, 8):
+            samples[0, 1] = 7  # the oxygen of water is atom 0
+        samples = mts.Labels(block.samples.names, samples)
+        blocks.append(mts.TensorBlock(block.values, samples, block.components, block.properties))
+    with pytest.raises(KeyError, match="blocks of center_type=8 hold different atoms"):
+        SparseOverlap(overlap, mts.TensorMap(a.keys, blocks))
+
+
+def test_missing_rows_name_the_overlap_key(structures):
+    water = structures[0]
+    coefficients = data.coefficients([water], data.random_vectors([water], seed=0))
+    # a water dimer under the same system id: atoms 3 to 5 have no coefficients
+    dimer = data.structure("H2O", system=water.system, spacing=6.0)
+    with pytest.raises(
+        KeyError,
+        match="overlap blocks center_type_1=1, center_type_2=1 have atom pairs whose",
+    ):
+        SparseOverlap(data.overlaps([dimer]), coefficients)
+
+
+def test_align_samples_errors(structures):
+    a = data.coefficients(structures, data.random_vectors(structures, seed=13))
+    dropped = mts.Labels(a.keys.names, torch.tensor([[2, 1, 8]], dtype=torch.int32))
+    fewer = mts.drop_blocks(a, dropped)
+    with pytest.raises(KeyError, match="no block for o3_lambda=2, o3_sigma=1, center_type=8"):
+        align_samples(fewer, a, "b")
+    with pytest.raises(KeyError, match=r"b has block\(s\) \[\(2, 1, 8\)\]"):
+        align_samples(a, fewer, "b")
+    moved = [data.structure(f, s.system + 1) for f, s in zip(["H2O", "NH3", "CH4"], structures)]
+    b = data.coefficients(moved, data.random_vectors(moved, seed=15))
+    with pytest.raises(
+        KeyError,
+        match="b: block o3_lambda=0, o3_sigma=1, center_type=1 lacks the sample system=3, atom=1",
+    ):
+        align_samples(b, a, "b")

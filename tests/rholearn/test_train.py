@@ -1,0 +1,228 @@
+"""The training loop: it learns, stops early, logs, and resumes exactly after an interruption."""
+
+import csv
+import dataclasses
+import functools
+import json
+import math
+import os
+
+import ase.build
+import pytest
+import torch
+
+from rholearn import data, train
+from rholearn.loss import CoefficientLoss, OverlapLoss
+from rholearn.models import DensityModel
+from rhocalc.batch import run_batch
+from rhocalc.pyscf import PySCFOptions, basis_set, compute_targets
+
+OPTIONS = PySCFOptions(xc="HF", basis="sto-3g", auxbasis="def2-universal-jfit", grid_level=0)
+HYPERS = {
+    "cutoff": {"radius": 3.0, "smoothing": {"type": "ShiftedCosine", "width": 0.5}},
+    "density": {"type": "Gaussian", "width": 0.3},
+    "basis": {
+        "type": "TensorProduct", "max_angular": 2, "radial": {"type": "Gto", "max_radial": 2}
+    },
+}
+CHECKPOINT_KEYS = {
+    "epoch", "best_loss", "best_epoch", "stale_epochs", "history", "model", "optimizer",
+    "scheduler", "random_states", "options",
+}
+
+
+def structures():
+    """Rattled waters and methanes."""
+    frames = []
+    for seed in range(12):
+        atoms = ase.build.molecule("H2O" if seed % 3 else "CH4")
+        atoms.rattle(0.1, seed=seed)
+        frames.append(atoms)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("dataset"))
+    basis = basis_set(OPTIONS.auxbasis, ["H", "C", "O"])
+    compute = functools.partial(compute_targets, options=OPTIONS)
+    run_batch(structures(), root, compute, basis, progress=False)
+    return data.read_dataset(root)
+
+
+@pytest.fixture(scope="module")
+def descriptors(folder):
+    return make_model(folder).descriptor.compute(folder.frames, folder.indices)
+
+
+def split(folder, descriptors, targets):
+    """(train, val) datasets of 8 and 4 structures."""
+    train_ids, val_ids, _ = data.split_indices(folder.indices, n_train=8, n_val=4, seed=0)
+    return tuple(
+        data.make_dataset(folder, ids, descriptors, targets=targets)
+        for ids in (train_ids, val_ids)
+    )
+
+
+@pytest.fixture(scope="module")
+def datasets(folder, descriptors):
+    """(train, val) with precomputed lambda-SOAP descriptors and coefficients."""
+    return split(folder, descriptors, ["coefficients"])
+
+
+def make_model(folder, seed=0):
+    return DensityModel(folder.basis, HYPERS, model="linear", seed=seed)
+
+
+def assert_same_weights(state, reference):
+    """Every tensor of two state dicts is bitwise equal."""
+    tensors = {name for name, value in reference.items() if isinstance(value, torch.Tensor)}
+    assert tensors and tensors <= set(state)
+    for name in tensors:
+        assert torch.equal(state[name], reference[name]), name
+
+
+def options(**changes):
+    defaults = dict(epochs=6, batch_size=3, learning_rate=0.1, checkpoint_every=2, verbose=False)
+    return train.TrainOptions(**{**defaults, **changes})
+
+
+def test_adam_training_learns_and_writes_a_complete_run(folder, datasets, tmp_path, capsys):
+    run_dir = str(tmp_path / "run")
+    model = make_model(folder)
+    history = train.train(
+        model, CoefficientLoss(), *datasets, options(epochs=8, verbose=True), run_dir
+    )
+    assert [record["epoch"] for record in history] == list(range(1, 9))
+    assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+    assert history[-1]["val_loss"] < 0.5 * history[0]["val_loss"]
+    assert len(capsys.readouterr().out.strip().splitlines()) == 8
+
+    assert sorted(os.listdir(run_dir)) == sorted(
+        [train.OPTIONS_FILE, train.LOG_FILE, train.LAST_CHECKPOINT, train.BEST_CHECKPOINT]
+    )
+    with open(os.path.join(run_dir, train.OPTIONS_FILE)) as f:
+        assert json.load(f) == dataclasses.asdict(options(epochs=8, verbose=True))
+    with open(os.path.join(run_dir, train.LOG_FILE)) as f:
+        rows = list(csv.DictReader(f))
+    assert [float(row["val_loss"]) for row in rows] == [r["val_loss"] for r in history]
+
+    last = torch.load(os.path.join(run_dir, train.LAST_CHECKPOINT), weights_only=False)
+    assert set(last) == CHECKPOINT_KEYS
+    assert last["epoch"] == 8 and last["history"] == history
+    assert_same_weights(last["model"], model.state_dict())
+
+    best_epoch = min(history, key=lambda r: r["val_loss"])["epoch"]
+    best = make_model(folder, seed=1)
+    checkpoint = train.load_checkpoint(os.path.join(run_dir, train.BEST_CHECKPOINT), best)
+    assert checkpoint["best_epoch"] == best_epoch
+    loader = data.make_dataloader(datasets[1], batch_size=2)
+    assert train.evaluate(best, CoefficientLoss(), loader) == pytest.approx(
+        history[best_epoch - 1]["val_loss"], rel=1e-12
+    )
+
+
+def test_lbfgs_training_minimises_the_density_error(folder, descriptors, tmp_path):
+    datasets = split(folder, descriptors, ["coefficients", "overlap"])
+    history = train.train(
+        make_model(folder), OverlapLoss(), *datasets,
+        options(epochs=2, optimizer="lbfgs", learning_rate=1.0, lbfgs_max_iter=4),
+        str(tmp_path),
+    )
+    assert history[-1]["train_loss"] < 0.1 * history[0]["train_loss"]
+    assert history[-1]["val_loss"] < history[0]["val_loss"]
+
+
+def test_early_stopping_without_improvement(folder, datasets, tmp_path):
+    # a zero learning rate never changes the weights: the validation loss stays put
+    history = train.train(
+        make_model(folder), CoefficientLoss(), *datasets,
+        options(epochs=20, learning_rate=0.0, early_stopping_patience=3, scheduler=None),
+        str(tmp_path),
+    )
+    assert len(history) == 4
+    assert len({record["val_loss"] for record in history}) == 1
+    checkpoint = torch.load(tmp_path / train.LAST_CHECKPOINT, weights_only=False)
+    assert checkpoint["epoch"] == 4 and checkpoint["stale_epochs"] == 3
+
+
+class InterruptingLoss(CoefficientLoss):
+    """Raises ``KeyboardInterrupt``, as a killed run would stop, at its
+    ``calls``-th call after ``path`` (the first checkpoint) appeared."""
+
+    def __init__(self, path: str, calls: int):
+        super().__init__()
+        self.path = path
+        self.calls = calls
+
+    def forward(self, prediction, target):
+        if os.path.exists(self.path):
+            self.calls -= 1
+            if self.calls == 0:
+                raise KeyboardInterrupt
+        return super().forward(prediction, target)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "lbfgs"])
+def test_resume_after_interruption_gives_the_same_weights(folder, datasets, tmp_path, optimizer):
+    settings = options(
+        epochs=6, optimizer=optimizer, learning_rate=0.5, lbfgs_max_iter=2, scheduler_patience=1
+    )
+    model = make_model(folder)
+    history = train.train(model, CoefficientLoss(), *datasets, settings, str(tmp_path / "once"))
+
+    # killed after the checkpoint of epoch 2, in epoch 3 or 4 (each epoch calls the
+    # loss at least 5 times: 3 training and 2 validation batches)
+    run_dir = str(tmp_path / "interrupted")
+    checkpoint = os.path.join(run_dir, train.LAST_CHECKPOINT)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(
+            make_model(folder), InterruptingLoss(checkpoint, 8), *datasets, settings, run_dir
+        )
+    assert torch.load(checkpoint, weights_only=False)["epoch"] == 2
+
+    resumed = make_model(folder, seed=7)  # a new instance, other initial weights
+    resumed_history = train.train(
+        resumed, CoefficientLoss(), *datasets, settings, run_dir, resume=True
+    )
+    assert_same_weights(resumed.state_dict(), model.state_dict())
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h]  # noqa: E731
+    assert strip(resumed_history) == strip(history)
+    if optimizer == "adam":  # the scheduler acted, its state was restored too
+        assert len({record["learning_rate"] for record in history}) > 1
+    with open(os.path.join(run_dir, train.LOG_FILE)) as f:
+        assert [int(row["epoch"]) for row in csv.DictReader(f)] == list(range(1, 7))
+
+
+def test_a_finished_run_is_not_overwritten(folder, datasets, tmp_path):
+    train.train(make_model(folder), CoefficientLoss(), *datasets, options(epochs=1), str(tmp_path))
+    with pytest.raises(FileExistsError, match="resume=True"):
+        train.train(make_model(folder), CoefficientLoss(), *datasets, options(), str(tmp_path))
+    # resuming a run that already reached its epochs trains no further; other
+    # settings than the saved ones are reported
+    with pytest.warns(UserWarning, match=r"'learning_rate': \(0.1, 0.2\)"):
+        history = train.train(
+            make_model(folder, seed=3), CoefficientLoss(), *datasets,
+            options(epochs=1, learning_rate=0.2), str(tmp_path), resume=True,
+        )
+    assert len(history) == 1
+
+
+def test_training_without_validation_monitors_the_training_loss(folder, datasets, tmp_path, capsys):
+    history = train.train(
+        make_model(folder), CoefficientLoss(), datasets[0], None, options(epochs=2), str(tmp_path)
+    )
+    assert all(math.isnan(record["val_loss"]) for record in history)
+    best = torch.load(tmp_path / train.BEST_CHECKPOINT, weights_only=False)
+    assert best["best_loss"] == min(record["train_loss"] for record in history)
+    assert capsys.readouterr().out == ""  # verbose=False
+
+
+def test_checkpoint_writes_are_atomic(tmp_path):
+    path = str(tmp_path / "checkpoint.pt")
+    train.save_checkpoint({"epoch": 1, "weights": torch.ones(3)}, path)
+    with pytest.raises(Exception):  # a lambda cannot be pickled: the write fails half-way
+        train.save_checkpoint({"epoch": 2, "weights": torch.zeros(3), "bad": lambda: 0}, path)
+    assert os.listdir(tmp_path) == ["checkpoint.pt"]
+    kept = torch.load(path)
+    assert kept["epoch"] == 1 and torch.equal(kept["weights"], torch.ones(3))

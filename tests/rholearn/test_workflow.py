@@ -1,0 +1,124 @@
+"""The whole pipeline: PySCF targets -> fit -> evaluate -> predict, and the CLI."""
+
+import functools
+import json
+import os
+
+import ase.build
+import ase.io
+import numpy as np
+import pytest
+import torch
+
+from rhocalc.batch import run_batch
+from rhocalc.pyscf import PySCFOptions, basis_set, compute_targets
+from rhocalc.pyscf.fit import function_integrals
+from rhocalc.pyscf.molecule import aux_molecule
+from rhocalc.pyscf.order import vector_to_canonical
+from rhocalc.realspace import read_cube
+from rhocalc.structures import distorted_waters
+from rholearn import cli, layout, workflow
+from rholearn.models import DensityModel
+from rholearn.train import TrainOptions
+
+OPTIONS = PySCFOptions(xc="PBE", basis="def2-svp", auxbasis="def2-universal-jkfit")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """12 distorted water molecules with PBE/def2-svp targets."""
+    out = str(tmp_path_factory.mktemp("water-dataset"))
+    report = run_batch(
+        distorted_waters(12, seed=1), out, functools.partial(compute_targets, options=OPTIONS),
+        basis_set(OPTIONS.auxbasis, ["H", "O"]), progress=False,
+    )
+    assert report.failed == []
+    return out
+
+
+@pytest.fixture(scope="module")
+def fitted(dataset, tmp_path_factory):
+    options = workflow.FitOptions(
+        n_train=8, n_val=2, n_test=2,
+        train=TrainOptions(epochs=4, optimizer="lbfgs", learning_rate=1.0, scheduler=None,
+                           verbose=False),
+    )
+    return workflow.fit(dataset, str(tmp_path_factory.mktemp("run")), options)
+
+
+def test_fit_writes_a_reproducible_run(fitted, dataset):
+    run = fitted.run_dir
+    for name in (workflow.MODEL_FILE, workflow.SPLIT_FILE, workflow.FIT_FILE, "log.csv"):
+        assert os.path.exists(os.path.join(run, name)), name
+    with open(os.path.join(run, workflow.FIT_FILE)) as f:
+        assert json.load(f)["dataset"] == os.path.abspath(dataset)
+    split = fitted.split
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (8, 2, 2)
+    assert not set(split["train"]) & set(split["test"])
+    # the saved model is the in-memory one
+    frames = distorted_waters(12, seed=1)
+    reloaded = DensityModel.load(os.path.join(run, workflow.MODEL_FILE))
+    for key, block in fitted.model.predict(frames[:2]).items():
+        torch.testing.assert_close(block.values, reloaded.predict(frames[:2]).block(key).values,
+                                   rtol=0, atol=0)
+    # the training loss went down
+    losses = [h["train_loss"] for h in fitted.history]
+    assert losses[-1] < 0.1 * losses[0]
+
+
+def test_evaluate_separates_model_and_basis_errors(fitted, dataset):
+    errors = workflow.evaluate(fitted.model, dataset, fitted.split["test"], progress=False)
+    rows, summary = errors["structures"], errors["summary"]
+    assert [row["index"] for row in rows] == fitted.split["test"]
+    for row in rows:
+        # the fitted basis misses ~1 % of the SCF density (see rhocalc tests)
+        assert 0.3 < row["ri_l1_vs_scf_percent"] < 2.0
+        assert 0.0 < row["l1_vs_ri_percent"] < 5.0
+        # triangle inequality of the L1 norm
+        assert row["l1_vs_scf_percent"] <= row["l1_vs_ri_percent"] + row["ri_l1_vs_scf_percent"] + 1e-9
+        assert 0.0 < row["relative_l2_percent"] < 5.0
+    assert summary["rmse_percent"] < 100.0  # better than the baseline alone
+    assert summary["relative_l2_percent"] == pytest.approx(
+        np.mean([row["relative_l2_percent"] for row in rows])
+    )
+
+
+def test_predicted_density_has_the_right_electron_count(fitted, tmp_path):
+    atoms = distorted_waters(1, seed=99)[0]
+    (folder,) = workflow.predict(fitted.model, [atoms], str(tmp_path), cube=True, progress=False)
+    coefficients = layout.load(os.path.join(folder, layout.COEFFICIENTS_FILE))
+    vector = layout.tensormap_to_vector(coefficients, atoms.numbers, fitted.model.basis)
+    aux = aux_molecule(atoms, fitted.model.basis)
+    n_electrons = vector_to_canonical(function_integrals(aux), aux) @ vector
+    assert abs(n_electrons - 10.0) < 0.05
+    density, cube_atoms = read_cube(os.path.join(folder, "density.cube"))
+    assert cube_atoms.get_chemical_symbols() == ["O", "H", "H"]
+    assert density.max() > 1.0  # electrons / Bohr^3 near the oxygen nucleus
+
+
+def test_cli_train_evaluate_predict(dataset, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    assert cli.main(["train", dataset, "--run", run, "--n-train", "6", "--n-val", "2",
+                     "--epochs", "2"]) == 0
+    assert cli.main(["evaluate", run, "--no-real-space"]) == 0
+    output = capsys.readouterr().out
+    assert "rmse_percent" in output
+    with open(os.path.join(run, "errors_test.json")) as f:
+        assert len(json.load(f)["structures"]) == 4
+
+    structures = str(tmp_path / "new.xyz")
+    ase.io.write(structures, distorted_waters(2, seed=5))
+    out = str(tmp_path / "predicted")
+    assert cli.main(["predict", os.path.join(run, "model.pt"), structures, "--out", out]) == 0
+    assert sorted(os.listdir(out)) == ["0", "1"]
+
+    # an element the model never saw: a clear error, naming structure and element
+    ase.io.write(structures, [ase.build.molecule("CH4")])
+    assert cli.main(["predict", os.path.join(run, "model.pt"), structures, "--out", out]) == 2
+    error = capsys.readouterr().err
+    assert "structure 0" in error and "'C'" in error and "not trained on" in error
+
+
+def test_cli_reports_a_missing_dataset(tmp_path, capsys):
+    assert cli.main(["train", str(tmp_path / "nowhere"), "--run", str(tmp_path / "run")]) == 2
+    assert "nowhere" in capsys.readouterr().err
