@@ -18,8 +18,10 @@ from typing import List, Optional
 import ase.io
 
 from . import workflow
+from .data import read_dataset
 from .models import DensityModel
 from .train import TrainOptions
+from .visualise import write_chemiscope
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -117,9 +119,13 @@ def _evaluate(args) -> int:
     path = os.path.join(args.run, f"errors_{args.subset}.json")
     with open(path, "w") as f:
         json.dump(errors, f, indent=1)
+    frames = read_dataset(dataset).frames
+    map_path = os.path.join(args.run, f"errors_{args.subset}.chemiscope.json.gz")
+    rows = errors["structures"]
+    write_chemiscope(map_path, [frames[row["index"]] for row in rows], rows, name=args.run)
     for name, value in errors["summary"].items():
         print(f"{name:<24s} {value:.4f}" if isinstance(value, float) else f"{name:<24s} {value}")
-    print(f"per-structure errors: {path}")
+    print(f"per-structure errors: {path}; chemiscope map: {map_path}")
     return 0
 
 

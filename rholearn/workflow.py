@@ -40,6 +40,7 @@ SPLIT_FILE = "split.json"
 FIT_FILE = "fit.json"
 """The dataset a run was trained on and its :class:`FitOptions`."""
 DESCRIPTOR_CACHE = "descriptors"
+SUBSETS = ("train", "val", "test")
 
 
 @dataclasses.dataclass
@@ -95,7 +96,11 @@ class FitResult:
 
 
 def fit(
-    dataset: str, run_dir: str, options: FitOptions = FitOptions(), resume: bool = False
+    dataset: str,
+    run_dir: str,
+    options: FitOptions = FitOptions(),
+    resume: bool = False,
+    split: Optional[Dict[str, Sequence[int]]] = None,
 ) -> FitResult:
     """Train a :class:`DensityModel` on a target dataset written by rhocalc.
 
@@ -104,14 +109,16 @@ def fit(
     ``run_dir/descriptors``), trains, and writes ``run_dir/model.pt`` with the
     weights of the best validation epoch. ``resume=True`` continues an
     interrupted run in the same ``run_dir`` exactly where it stopped.
+
+    ``split`` (structure indices under ``"train"``, ``"val"`` and ``"test"``;
+    a missing subset is empty) replaces the random split of ``options``, e.g.
+    to train on nested subsets and test on one fixed set.
     """
     folder = read_dataset(dataset)
-    split = dict(
-        zip(
-            ("train", "val", "test"),
-            _split(folder.indices, options),
-        )
-    )
+    if split is None:
+        split = dict(zip(SUBSETS, _split(folder.indices, options)))
+    else:
+        split = _explicit_split(split)
     if not split["train"]:
         raise ValueError(f"no training structures: {len(folder.indices)} completed in '{dataset}'")
     os.makedirs(run_dir, exist_ok=True)
@@ -163,6 +170,13 @@ def _split(indices: Sequence[int], options: FitOptions):
     return split_indices(
         indices, options.n_train, options.n_val, options.n_test, seed=options.split_seed
     )
+
+
+def _explicit_split(split: Dict[str, Sequence[int]]) -> Dict[str, List[int]]:
+    unknown = sorted(set(split) - set(SUBSETS))
+    if unknown:
+        raise ValueError(f"split has unknown subsets {unknown}, expected some of {SUBSETS}")
+    return {name: sorted(int(i) for i in split.get(name, ())) for name in SUBSETS}
 
 
 def evaluate(

@@ -8,7 +8,8 @@
 3. trains a linear equivariant model on lambda-SOAP descriptors with the
    overlap (real-space L2) loss into ``OUT/run``;
 4. prints the test-set errors (relative L2, SALTED % RMSE, real-space L1 against
-   the RI and the SCF densities) and writes them to ``OUT/test_errors.json``;
+   the RI and the SCF densities) and writes them to ``OUT/test_errors.json`` and a
+   chemiscope map ``OUT/test_errors.chemiscope.json.gz``;
 5. predicts the density of a new water molecule without any SCF and writes it
    as a cube file ``OUT/prediction/0/density.cube``.
 
@@ -29,6 +30,7 @@ from rhocalc.pyscf import PySCFOptions, basis_set, compute_targets
 from rhocalc.structures import distorted_waters
 from rholearn import workflow
 from rholearn.train import TrainOptions
+from rholearn.visualise import write_chemiscope
 
 
 def main():
@@ -76,6 +78,8 @@ def main():
     print(f"[3/4] evaluating on {len(result.split['test'])} test structures", flush=True)
     errors = workflow.evaluate(result.model, dataset, result.split["test"])
     timings["predict_seconds_per_structure"] = errors["seconds"]["predict_per_structure"]
+    chemiscope_map = os.path.join(args.out, "test_errors.chemiscope.json.gz")
+    write_chemiscope(chemiscope_map, [frames[i] for i in result.split["test"]], errors["structures"])
 
     print("[4/4] predicting a new structure -> cube file", flush=True)
     start = time.perf_counter()
@@ -99,6 +103,7 @@ def main():
     for name, value in timings.items():
         print(f"  {name:<48s} {value:8.3f} s")
     print(f"Predicted density: {os.path.join(folders[0], 'density.cube')}")
+    print(f"Errors per structure: {chemiscope_map} (open at https://chemiscope.org)")
     with open(os.path.join(args.out, "test_errors.json"), "w") as f:
         json.dump({**errors, "timings": timings}, f, indent=1)
 

@@ -1,6 +1,7 @@
 """The whole pipeline: PySCF targets -> fit -> evaluate -> predict, and the CLI."""
 
 import functools
+import gzip
 import json
 import os
 
@@ -104,7 +105,14 @@ def test_cli_train_evaluate_predict(dataset, tmp_path, capsys):
     output = capsys.readouterr().out
     assert "rmse_percent" in output
     with open(os.path.join(run, "errors_test.json")) as f:
-        assert len(json.load(f)["structures"]) == 4
+        rows = json.load(f)["structures"]
+    assert len(rows) == 4
+    with gzip.open(os.path.join(run, "errors_test.chemiscope.json.gz"), "rt") as f:
+        chemiscope_map = json.load(f)
+    assert len(chemiscope_map["structures"]) == 4
+    assert chemiscope_map["properties"]["relative_l2_percent"]["values"] == pytest.approx(
+        [row["relative_l2_percent"] for row in rows]
+    )
 
     structures = str(tmp_path / "new.xyz")
     ase.io.write(structures, distorted_waters(2, seed=5))
@@ -122,3 +130,17 @@ def test_cli_train_evaluate_predict(dataset, tmp_path, capsys):
 def test_cli_reports_a_missing_dataset(tmp_path, capsys):
     assert cli.main(["train", str(tmp_path / "nowhere"), "--run", str(tmp_path / "run")]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_fit_on_an_explicit_split(dataset, tmp_path):
+    split = {"train": [5, 0, 3], "val": [7], "test": [1, 2]}
+    options = workflow.FitOptions(
+        train=TrainOptions(epochs=1, optimizer="lbfgs", learning_rate=1.0, scheduler=None,
+                           verbose=False),
+    )
+    result = workflow.fit(dataset, str(tmp_path / "run"), options, split=split)
+    assert result.split == {"train": [0, 3, 5], "val": [7], "test": [1, 2]}
+    with open(os.path.join(result.run_dir, workflow.SPLIT_FILE)) as f:
+        assert json.load(f) == result.split
+    with pytest.raises(ValueError, match="unknown subsets \\['validation'\\]"):
+        workflow.fit(dataset, str(tmp_path / "bad"), options, split={"train": [0], "validation": [1]})
