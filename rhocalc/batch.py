@@ -50,11 +50,14 @@ from .targets import Targets
 Compute = Callable[..., Targets]
 """``compute(atoms, system=index) -> Targets``; must be picklable for parallel runs."""
 
+SETTINGS_FILE = "settings.json"
+"""Settings that define a dataset's targets (see :func:`run_batch`)."""
+
 POSITION_TOLERANCE = 1e-6
 """Angstrom: structures.xyz stores 8 decimals, so a resumed dataset matches to this."""
 
 _LOCK_FILE = ".lock"
-_STALE_PATTERNS = (".tmp-*", f"{layout.BASIS_FILE}.tmp*")
+_STALE_PATTERNS = (".tmp-*", f"{layout.BASIS_FILE}.tmp*", f"{SETTINGS_FILE}.tmp*")
 _POLL_SECONDS = 0.1
 
 
@@ -162,6 +165,7 @@ def run_batch(
     executor: Optional[concurrent.futures.Executor] = None,
     n_workers: int = 1,
     progress: bool = True,
+    settings: Optional[dict] = None,
 ) -> BatchReport:
     """Compute and write the targets of every structure not yet in ``out``.
 
@@ -191,6 +195,13 @@ def run_batch(
         Number of processes of the default executor.
     progress : bool
         Show a progress bar on stderr.
+    settings : dict, optional
+        JSON-serialisable settings that define the targets (functional, basis,
+        metric, ...; e.g. ``PySCFOptions.dataset_settings()``), written to
+        ``out/settings.json``. A rerun with other settings is refused, so that
+        one dataset never mixes targets of different methods. Settings that do
+        not change converged targets (``max_cycle``, ...) should be left out, so
+        that failed structures can be retried with them changed.
 
     Raises
     ------
@@ -201,7 +212,7 @@ def run_batch(
         raise DatasetError(f"no structures to compute into '{out}'")
     os.makedirs(out, exist_ok=True)
     with _exclusive_lock(out):
-        _prepare(out, structures, basis)
+        _prepare(out, structures, basis, settings)
         _remove_stale_files(out)
         todo = [i for i in range(len(structures)) if not _is_complete(out, i)]
         skipped = sorted(set(range(len(structures))) - set(todo))
@@ -305,20 +316,53 @@ def _is_complete(out: str, index: int) -> bool:
     return os.path.isdir(layout.structure_dir(out, index))
 
 
-def _prepare(out: str, structures: Sequence[ase.Atoms], basis: BasisSet) -> None:
-    """Check structures.xyz and basis.json match those in ``out``; write the missing."""
+def _prepare(
+    out: str, structures: Sequence[ase.Atoms], basis: BasisSet, settings: Optional[dict]
+) -> None:
+    """Check structures.xyz, basis.json and settings.json match those in ``out``;
+    write the missing."""
     structures_path = os.path.join(out, layout.STRUCTURES_FILE)
     basis_path = os.path.join(out, layout.BASIS_FILE)
+    settings_path = os.path.join(out, SETTINGS_FILE)
     if os.path.exists(structures_path):
         _check_same_structures(read_structures(structures_path), structures, structures_path)
     if os.path.exists(basis_path):
         _check_same_basis(basis_path, basis)
+    if settings is not None:
+        settings = json.loads(json.dumps(settings))  # as it reads back (tuples -> lists)
+        if os.path.exists(settings_path):
+            _check_same_settings(settings_path, settings)
+        else:
+            tmp = f"{settings_path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump(settings, f, indent=1)
+            os.replace(tmp, settings_path)
     if not os.path.exists(structures_path):
         tmp = os.path.join(out, f".tmp-{layout.STRUCTURES_FILE}-{os.getpid()}")
         ase.io.write(tmp, list(structures), format="extxyz")
         os.replace(tmp, structures_path)
     if not os.path.exists(basis_path):
         basis.save(basis_path)
+
+
+def _check_same_settings(path: str, requested: dict) -> None:
+    try:
+        with open(path) as f:
+            existing = json.load(f)
+    except (OSError, ValueError) as error:
+        raise DatasetError(f"cannot read settings file '{path}': {error}") from error
+    differing = sorted(
+        name for name in set(existing) | set(requested) if existing.get(name) != requested.get(name)
+    )
+    if differing:
+        details = ", ".join(
+            f"{name}: {existing.get(name)!r} there, {requested.get(name)!r} requested"
+            for name in differing
+        )
+        raise DatasetError(
+            f"'{path}' was made with other settings ({details}); use another output "
+            "folder to avoid mixing datasets"
+        )
 
 
 def _check_same_basis(path: str, requested: BasisSet) -> None:

@@ -210,6 +210,13 @@ def evaluate(
     """
     folder = read_dataset(dataset, basis=model.basis)
     indices = list(folder.indices if indices is None else indices)
+    numeric = [s for s, shells in folder.basis.shells.items() if not all(x.exponents for x in shells)]
+    if real_space and numeric:
+        raise ValueError(
+            f"real-space errors need a Gaussian basis, but basis '{folder.basis.name}' of "
+            f"'{dataset}' has numeric radial functions (elements {numeric}): pass "
+            "real_space=False, or rebuild the density with FHI-aims (rhocalc.aims.rebuild)"
+        )
     files = {
         name: TargetFile(folder.root, file_name, model.dtype, model.device)
         for name, file_name in (

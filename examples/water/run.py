@@ -55,6 +55,7 @@ def main():
     report = run_batch(
         frames, dataset, functools.partial(compute_targets, options=options),
         basis_set(options.auxbasis, ["H", "O"]), n_workers=args.workers,
+        settings=options.dataset_settings(),
     )
     timings["targets_seconds"] = time.perf_counter() - start
     print(f"      {len(report.done)} computed, {len(report.skipped)} already there, "

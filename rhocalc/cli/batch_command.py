@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import List
+from typing import List, Optional
 
 import ase
 
@@ -44,14 +44,21 @@ def structures_of(args: argparse.Namespace) -> List[ase.Atoms]:
 
 
 def run_and_summarise(
-    args: argparse.Namespace, structures: List[ase.Atoms], compute: Compute, basis: BasisSet
+    args: argparse.Namespace,
+    structures: List[ase.Atoms],
+    compute: Compute,
+    basis: BasisSet,
+    settings: Optional[dict] = None,
 ) -> int:
-    """Run the batch, print a summary (failures on stderr); the exit code."""
+    """Run the batch, print a summary (failures on stderr); the exit code.
+
+    ``settings`` define the targets, see :func:`rhocalc.batch.run_batch`."""
     if args.workers > 1:  # the worker processes inherit this environment
         threads = max(1, (os.cpu_count() or 1) // args.workers)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     report = run_batch(
-        structures, args.out, compute, basis, n_workers=args.workers, progress=not args.quiet
+        structures, args.out, compute, basis, n_workers=args.workers, progress=not args.quiet,
+        settings=settings,
     )
     print(_summary(args.out, len(structures), report))
     failures = read_failures(args.out)

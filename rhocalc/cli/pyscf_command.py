@@ -61,7 +61,9 @@ def run(args: argparse.Namespace) -> int:
     structures = batch_command.structures_of(args)
     basis = _covered_basis(options.auxbasis, structures)
     compute = functools.partial(pyscf.compute_targets, options=options)
-    return batch_command.run_and_summarise(args, structures, compute, basis)
+    return batch_command.run_and_summarise(
+        args, structures, compute, basis, options.dataset_settings()
+    )
 
 
 def _covered_basis(auxbasis: str, structures: List[ase.Atoms]) -> BasisSet:

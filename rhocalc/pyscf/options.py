@@ -89,6 +89,15 @@ class PySCFOptions:
         """The options as a JSON-serialisable dict."""
         return dataclasses.asdict(self)
 
+    def dataset_settings(self) -> dict:
+        """The options that define converged targets, for ``run_batch(settings=...)``:
+        all but the SCF convergence controls (``conv_tol``, ``max_cycle``) and the
+        diagnostics grid, which may change between reruns of a dataset."""
+        settings = self.to_dict()
+        for name in ("conv_tol", "max_cycle", "grid_level"):
+            del settings[name]
+        return {"backend": "pyscf", **settings}
+
 
 def _check_library_basis(option: str, name: str) -> None:
     """Raise ``ValueError`` unless PySCF's library knows basis ``name``.

@@ -102,3 +102,16 @@ def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
         for tensors in ((a.coefficients, b.coefficients), (a.projections, b.projections),
                         (a.overlap, b.overlap)):
             assert metatensor.allclose(*tensors, rtol=0, atol=1e-9)
+
+
+def test_a_rerun_with_another_method_is_refused(tmp_path, capsys):
+    molecules = write_molecules(tmp_path / "molecules.xyz", ["H2"])
+    out = str(tmp_path / "out")
+    assert main(["pyscf", molecules, "--out", out, *FAST]) == 0
+    # SCF controls may change (e.g. to retry failures) ...
+    assert main(["pyscf", molecules, "--out", out, *FAST, "--max-cycle", "200"]) == 0
+    capsys.readouterr()
+    # ... the method may not: the dataset would mix HF and PBE targets
+    assert main(["pyscf", molecules, "--out", out, *FAST, "--xc", "PBE"]) == 2
+    error = capsys.readouterr().err
+    assert "settings.json" in error and "xc: 'HF' there, 'PBE' requested" in error

@@ -16,6 +16,8 @@ import torch
 import aims_test_files
 from rholearn import layout
 from rholearn.data import TargetFile, read_dataset
+from rholearn.train import TrainOptions
+from rholearn.workflow import FitOptions, evaluate, fit
 from rholearn.rotations import random_rotation, rotate_blocks
 from rhocalc.aims import AimsOptions, AimsRunError, SlurmOptions, parse_dataset, run_dataset
 from rhocalc.aims import outputs, rebuild
@@ -125,6 +127,18 @@ def test_slurm_jobs_advance_step_by_step_then_parse(tmp_path, no_aims, structure
         assert parsed.info["aims_files"] == "2024" and parsed.info["system"] == index
         coefficients = TargetFile(out, layout.COEFFICIENTS_FILE, torch.float64, "cpu")(index)
         assert coefficients.block(0).samples.column("system").unique().tolist() == [index]
+
+    # rholearn trains on the parsed aims dataset unchanged
+    fit_options = FitOptions(
+        n_train=1, n_val=1, n_test=0,
+        train=TrainOptions(epochs=2, optimizer="lbfgs", learning_rate=1.0, scheduler=None,
+                           verbose=False),
+    )
+    result = fit(out, str(tmp_path / "run"), fit_options)
+    errors = evaluate(result.model, out, [0, 1], real_space=False, progress=False)
+    assert errors["summary"]["n_structures"] == 2
+    with pytest.raises(ValueError, match="real-space errors need a Gaussian basis.*aims-prodbas"):
+        evaluate(result.model, out, [0], progress=False)
 
 
 def test_runs_refuse_other_options_or_structures(tmp_path, no_aims, structures):
