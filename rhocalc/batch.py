@@ -44,6 +44,7 @@ import tqdm
 
 from rholearn import layout
 from rholearn.basis import BasisSet
+from rholearn.files import atomic_path, write_json
 
 from .targets import Targets
 
@@ -57,7 +58,7 @@ POSITION_TOLERANCE = 1e-6
 """Angstrom: structures.xyz stores 8 decimals, so a resumed dataset matches to this."""
 
 _LOCK_FILE = ".lock"
-_STALE_PATTERNS = (".tmp-*", f"{layout.BASIS_FILE}.tmp*", f"{SETTINGS_FILE}.tmp*")
+_STALE_PATTERN = ".tmp-*"  # what rholearn.files.atomic_path and Targets.write leave
 _POLL_SECONDS = 0.1
 
 
@@ -321,11 +322,9 @@ def _prepare(
 ) -> None:
     """Check structures.xyz, basis.json and settings.json match those in ``out``;
     write the missing."""
-    structures_path = os.path.join(out, layout.STRUCTURES_FILE)
     basis_path = os.path.join(out, layout.BASIS_FILE)
     settings_path = os.path.join(out, SETTINGS_FILE)
-    if os.path.exists(structures_path):
-        _check_same_structures(read_structures(structures_path), structures, structures_path)
+    write_or_check_structures(out, structures)
     if os.path.exists(basis_path):
         _check_same_basis(basis_path, basis)
     if settings is not None:
@@ -333,16 +332,20 @@ def _prepare(
         if os.path.exists(settings_path):
             _check_same_settings(settings_path, settings)
         else:
-            tmp = f"{settings_path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(settings, f, indent=1)
-            os.replace(tmp, settings_path)
-    if not os.path.exists(structures_path):
-        tmp = os.path.join(out, f".tmp-{layout.STRUCTURES_FILE}-{os.getpid()}")
-        ase.io.write(tmp, list(structures), format="extxyz")
-        os.replace(tmp, structures_path)
+            write_json(settings_path, settings)
     if not os.path.exists(basis_path):
         basis.save(basis_path)
+
+
+def write_or_check_structures(out: str, structures: Sequence[ase.Atoms]) -> None:
+    """Write ``out/structures.xyz``, or check that the one there holds the same
+    structures (raising a :class:`DatasetError` naming the first that differs)."""
+    path = os.path.join(out, layout.STRUCTURES_FILE)
+    if os.path.exists(path):
+        _check_same_structures(read_structures(path), structures, path)
+    else:
+        with atomic_path(path) as tmp:
+            ase.io.write(tmp, list(structures), format="extxyz")
 
 
 def _check_same_settings(path: str, requested: dict) -> None:
@@ -409,12 +412,11 @@ def _check_same_structures(existing, requested, path: str) -> None:
 
 def _remove_stale_files(out: str) -> None:
     """Remove temporary files and folders a killed run left behind."""
-    for pattern in _STALE_PATTERNS:
-        for path in glob.glob(os.path.join(out, pattern)):
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                os.remove(path)
+    for path in glob.glob(os.path.join(out, _STALE_PATTERN)):
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
 
 
 def _write_failures(out: str, failures: Dict[int, Failure]) -> None:
@@ -423,12 +425,7 @@ def _write_failures(out: str, failures: Dict[int, Failure]) -> None:
         if os.path.exists(path):
             os.remove(path)
         return
-    tmp = os.path.join(out, f".tmp-{layout.FAILURES_FILE}-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(
-            {str(i): dataclasses.asdict(failures[i]) for i in sorted(failures)}, f, indent=1
-        )
-    os.replace(tmp, path)
+    write_json(path, {str(i): dataclasses.asdict(failures[i]) for i in sorted(failures)})
 
 
 @contextlib.contextmanager

@@ -17,7 +17,6 @@ Comparing a predicted density with the SCF one on the same grid::
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Tuple, Union
 
 import ase
@@ -30,6 +29,7 @@ from pyscf.tools.cubegen import Cube
 
 from rholearn import layout
 from rholearn.basis import BasisSet
+from rholearn.files import atomic_path
 from rhocalc.pyscf import order
 from rhocalc.pyscf.molecule import atoms_molecule, aux_molecule
 from rhocalc.pyscf.scf import total_density_matrix
@@ -181,13 +181,12 @@ def write_cube(
     cube = Cube(aux, resolution=spacing / BOHR, margin=margin / BOHR)
     points = cube.get_coords() * BOHR
     density = density_at_points(coefficients, atoms, basis, points)
-    tmp = f"{path}.tmp{os.getpid()}"
-    cube.write(
-        density.reshape(cube.nx, cube.ny, cube.nz),
-        tmp,
-        comment=f"{atoms.get_chemical_formula()} density (electrons/Bohr^3), basis {basis.name}",
-    )
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        cube.write(
+            density.reshape(cube.nx, cube.ny, cube.nz),
+            tmp,
+            comment=f"{atoms.get_chemical_formula()} density (electrons/Bohr^3), basis {basis.name}",
+        )
 
 
 def read_cube(path: str) -> Tuple[np.ndarray, ase.Atoms]:

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import ase.data
+
+from .files import write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,10 +169,7 @@ class BasisSet:
 
     def save(self, path: str) -> None:
         """Write ``basis.json`` atomically."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-        os.replace(tmp, path)
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str) -> "BasisSet":

@@ -15,7 +15,6 @@ import os
 import sys
 from typing import List, Optional
 
-import ase.io
 
 from . import workflow
 from .data import read_dataset

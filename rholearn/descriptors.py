@@ -33,6 +33,7 @@ from metatensor.torch.learn.nn import Module
 from metatomic.torch import System, systems_to_torch
 
 from . import layout
+from .files import write_json
 
 DEFAULT_HYPERS = {
     "cutoff": {"radius": 4.0, "smoothing": {"type": "ShiftedCosine", "width": 0.5}},
@@ -218,10 +219,7 @@ class LambdaSoap:
         path = os.path.join(cache_dir, CACHE_SETTINGS_FILE)
         settings = json.loads(json.dumps(self.settings()))  # tuples -> lists
         if not os.path.exists(path):
-            tmp = f"{path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump(settings, f, indent=1)
-            os.replace(tmp, path)
+            write_json(path, settings)
             return
         with open(path) as f:
             cached = json.load(f)

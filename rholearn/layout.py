@@ -35,6 +35,7 @@ import metatensor
 from metatensor import Labels, TensorBlock, TensorMap
 
 from .basis import BasisSet
+from .files import atomic_path
 
 KEY_NAMES = ["o3_lambda", "o3_sigma", "center_type"]
 SAMPLE_NAMES = ["system", "atom"]
@@ -272,14 +273,13 @@ def save(path: str, tensor: TensorMap) -> None:
     Accepts metatensor-core or metatensor-torch TensorMaps; the file format
     (``.mts``) is the same for both.
     """
-    tmp = f"{path}.tmp{os.getpid()}.mts"
-    if isinstance(tensor, TensorMap):
-        metatensor.save(tmp, tensor)
-    else:  # metatensor.torch.TensorMap
-        import metatensor.torch as metatensor_torch
+    with atomic_path(path) as tmp:
+        if isinstance(tensor, TensorMap):
+            metatensor.save(tmp, tensor)
+        else:  # metatensor.torch.TensorMap
+            import metatensor.torch as metatensor_torch
 
-        metatensor_torch.save(tmp, tensor)
-    os.replace(tmp, path)
+            metatensor_torch.save(tmp, tensor)
 
 
 def load(path: str) -> TensorMap:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import math
 import os
 import random
@@ -33,6 +32,7 @@ import torch
 from metatensor.learn.data import IndexedDataset
 
 from .data import make_dataloader
+from .files import atomic_path, write_json
 
 OPTIONS_FILE = "options.json"
 LOG_FILE = "log.csv"
@@ -181,7 +181,7 @@ def train(
         checkpoint = load_checkpoint(last_path, model, optimizer, scheduler, generator)
         state = {name: checkpoint[name] for name in state}
         _warn_if_options_changed(checkpoint["options"], options, last_path)
-    _write_json(os.path.join(run_dir, OPTIONS_FILE), dataclasses.asdict(options))
+    write_json(os.path.join(run_dir, OPTIONS_FILE), dataclasses.asdict(options))
     _write_log(os.path.join(run_dir, LOG_FILE), state["history"])
 
     run_epoch = _adam_epoch if options.optimizer == "adam" else _lbfgs_epoch
@@ -231,13 +231,8 @@ def evaluate(model: torch.nn.Module, loss_fn: LossFunction, loader) -> float:
 def save_checkpoint(checkpoint: Dict[str, Any], path: str) -> None:
     """``torch.save`` to a temporary file renamed to ``path``: the file at
     ``path`` is always a complete checkpoint, even if the process is killed."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_checkpoint(
@@ -393,11 +388,6 @@ def _should_stop(state: Dict[str, Any], options: TrainOptions) -> bool:
 
 
 # -------------------------------------------------------------------- logs ---
-def _write_json(path: str, data: Dict[str, Any]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
 
 
 def _write_log(path: str, history: List[Dict[str, float]]) -> None:

@@ -27,6 +27,7 @@ import tqdm
 
 from . import layout
 from .data import StructureDescriptors, TargetFile, make_dataset, read_dataset, split_indices
+from .files import write_json
 from .loss import CoefficientLoss, OverlapLoss, ProjectionLoss
 from .metrics import error_summary, overlap_norms
 from .models import Baseline, DensityModel
@@ -122,8 +123,8 @@ def fit(
     if not split["train"]:
         raise ValueError(f"no training structures: {len(folder.indices)} completed in '{dataset}'")
     os.makedirs(run_dir, exist_ok=True)
-    _write_json(os.path.join(run_dir, SPLIT_FILE), split)
-    _write_json(
+    write_json(os.path.join(run_dir, SPLIT_FILE), split)
+    write_json(
         os.path.join(run_dir, FIT_FILE),
         {"dataset": os.path.abspath(dataset), "options": dataclasses.asdict(options)},
     )
@@ -311,9 +312,3 @@ def predict(
         folders.append(folder)
     return folders
 
-
-def _write_json(path: str, data) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)

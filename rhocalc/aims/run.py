@@ -35,11 +35,13 @@ import ase
 import ase.io
 from ase.calculators.aims import AimsProfile
 
-from rhocalc.batch import BatchReport, Compute, DatasetError, read_structures, run_batch
-from rhocalc.batch import _check_same_structures
+from rhocalc.batch import (
+    BatchReport, Compute, DatasetError, read_structures, run_batch, write_or_check_structures,
+)
 from rhocalc.targets import Targets
 from rholearn import layout
 from rholearn.basis import BasisSet
+from rholearn.files import write_json
 
 from . import aimsout, inputs, outputs
 from .options import COMMAND_VARIABLE, AimsOptions
@@ -456,15 +458,8 @@ def prepare_runs(structures: Sequence[ase.Atoms], out: str, options: AimsOptions
                 "use another output folder"
             )
     else:
-        with open(options_path, "w") as f:
-            json.dump(recorded, f, indent=1)
-    structures_path = os.path.join(out, layout.STRUCTURES_FILE)
-    if os.path.isfile(structures_path):  # the same check as the batch driver's
-        _check_same_structures(read_structures(structures_path), structures, structures_path)
-    else:  # the file run_batch writes, so that parse_dataset can read the structures
-        tmp = os.path.join(out, f".tmp-{layout.STRUCTURES_FILE}-{os.getpid()}")
-        ase.io.write(tmp, list(structures), format="extxyz")
-        os.replace(tmp, structures_path)
+        write_json(options_path, recorded)
+    write_or_check_structures(out, structures)  # so that parse_dataset can read them
     return runs
 
 

@@ -9,7 +9,6 @@ as plain data in one ``torch.save`` file.
 from __future__ import annotations
 
 import copy
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import ase
@@ -20,6 +19,7 @@ from metatomic.torch import System
 
 from ..basis import BasisSet
 from ..descriptors import DEFAULT_HYPERS, LambdaSoap
+from ..files import atomic_path
 from .baseline import Baseline
 from .linear import LinearModel
 from .nonlinear import NonlinearModel
@@ -194,9 +194,8 @@ class DensityModel(torch.nn.Module):
             "baseline": self.baseline.to_dict(),
             "net_state": {k: _to_cpu(v) for k, v in self.net.state_dict().items()},
         }
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
 
     @classmethod
     def load(cls, path: str, device: Optional[torch.device] = None) -> "DensityModel":
