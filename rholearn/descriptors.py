@@ -209,7 +209,7 @@ class LambdaSoap:
         if missing:
             fresh = self.compute([frames[k] for k in missing], [system_ids[k] for k in missing])
             for k in missing:
-                layout.save(paths[k], _select_system(fresh, system_ids[k]))
+                layout.save(paths[k], select_system(fresh, system_ids[k]))
         tensors = [self._load(path) for path in paths]
         return mts.join(tensors, axis="samples", different_keys="union")
 
@@ -318,7 +318,7 @@ def _renumber_systems(tensor: TensorMap, system_ids: List[int]) -> TensorMap:
     return TensorMap(tensor.keys, blocks)
 
 
-def _select_system(tensor: TensorMap, system_id: int) -> TensorMap:
+def select_system(tensor: TensorMap, system_id: int) -> TensorMap:
     """The samples of one structure, without the blocks where it has no atoms."""
     selection = Labels(["system"], torch.tensor([[system_id]], dtype=torch.int32))
     one = mts.slice(tensor, axis="samples", selection=selection.to(tensor.device))

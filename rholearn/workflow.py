@@ -26,6 +26,7 @@ import torch
 import tqdm
 
 from . import layout
+from .descriptors import select_system
 from .data import StructureDescriptors, TargetFile, make_dataset, read_dataset, split_indices
 from .files import write_json
 from .loss import CoefficientLoss, OverlapLoss, ProjectionLoss
@@ -286,29 +287,44 @@ def predict(
     cube: bool = False,
     cube_spacing: float = 0.2,
     progress: bool = True,
+    batch_size: int = 16,
 ) -> List[str]:
     """Predict coefficients for new structures; no quantum chemistry involved.
 
     Writes ``out/<i>/coefficients.mts`` (the shared layout, ``system = i``) and,
     with ``cube``, ``out/<i>/density.cube`` (Gaussian bases only; grid spacing
     ``cube_spacing`` in Angstrom, density in electrons/Bohr^3 as the cube format
-    uses). Returns the structure folders.
+    uses). Returns the structure folders. Structures are predicted
+    ``batch_size`` at a time: one descriptor call per batch is much cheaper
+    than one per structure.
     """
     folders = []
-    for index, atoms in enumerate(
-        tqdm.tqdm(frames, desc="predict", unit="structure", disable=not progress)
-    ):
-        coefficients = model.predict([atoms], [index])
-        folder = layout.structure_dir(out, index)
-        os.makedirs(folder, exist_ok=True)
-        layout.save(os.path.join(folder, layout.COEFFICIENTS_FILE), coefficients)
-        if cube:
-            from rhocalc.realspace import write_cube
-
-            write_cube(
-                os.path.join(folder, "density.cube"), atoms, coefficients, model.basis,
-                spacing=cube_spacing,
-            )
-        folders.append(folder)
+    bar = tqdm.tqdm(total=len(frames), desc="predict", unit="structure", disable=not progress)
+    with bar:
+        for first in range(0, len(frames), batch_size):
+            indices = list(range(first, min(first + batch_size, len(frames))))
+            batch = model.predict([frames[i] for i in indices], indices)
+            for index in indices:
+                coefficients = select_system(batch, index)
+                folders.append(
+                    _write_prediction(model, frames[index], index, coefficients, out, cube,
+                                      cube_spacing)
+                )
+                bar.update()
     return folders
+
+
+def _write_prediction(model, atoms, index, coefficients, out, cube, cube_spacing) -> str:
+    """Write one structure's coefficients (and cube file) into ``out/<index>``."""
+    folder = layout.structure_dir(out, index)
+    os.makedirs(folder, exist_ok=True)
+    layout.save(os.path.join(folder, layout.COEFFICIENTS_FILE), coefficients)
+    if cube:
+        from rhocalc.realspace import write_cube
+
+        write_cube(
+            os.path.join(folder, "density.cube"), atoms, coefficients, model.basis,
+            spacing=cube_spacing,
+        )
+    return folder
 

@@ -97,6 +97,19 @@ def test_predicted_density_has_the_right_electron_count(fitted, tmp_path):
     assert density.max() > 1.0  # electrons / Bohr^3 near the oxygen nucleus
 
 
+def test_batched_prediction_equals_one_by_one(fitted, tmp_path):
+    frames = distorted_waters(3, seed=7)
+    folders = workflow.predict(fitted.model, frames, str(tmp_path), batch_size=2, progress=False)
+    for index, (atoms, folder) in enumerate(zip(frames, folders)):
+        batched = layout.load(os.path.join(folder, layout.COEFFICIENTS_FILE))
+        alone = fitted.model.predict([atoms], [index])
+        np.testing.assert_allclose(
+            layout.tensormap_to_vector(batched, atoms.numbers, fitted.model.basis),
+            layout.tensormap_to_vector(alone, atoms.numbers, fitted.model.basis),
+            rtol=0, atol=1e-12,
+        )
+
+
 def test_cli_train_evaluate_predict(dataset, tmp_path, capsys):
     run = str(tmp_path / "run")
     assert cli.main(["train", dataset, "--run", run, "--n-train", "6", "--n-val", "2",
