@@ -14,7 +14,9 @@ prefixes of the pool. For each model and training-set size:
   SALTED % RMSE against the RI coefficients, real-space L1 against the RI and
   the SCF densities (and the RI basis's own L1 error against the SCF);
 - the prediction of one structure is timed, split into the lambda-SOAP
-  descriptor and the network (median over the test set).
+  descriptor and the network (median over the test set), next to the
+  descriptor per structure of the whole test set in one call and the mean
+  time per structure of ``evaluate``'s predictions (first call included).
 
 Prints a table and writes JSON.
 
@@ -68,6 +70,7 @@ def compute_dataset(path: str, n_structures: int, seed: int, workers: int) -> di
         distorted_waters(n_structures, seed), path,
         functools.partial(compute_targets, options=PYSCF_OPTIONS),
         basis_set(PYSCF_OPTIONS.auxbasis, ["H", "O"]), n_workers=workers,
+        settings=PYSCF_OPTIONS.dataset_settings(),
     )
     return {
         "path": os.path.abspath(path), "n_structures": n_structures, "seed": seed,
@@ -106,7 +109,9 @@ def train_options(model: str, args) -> TrainOptions:
 
 
 def prediction_milliseconds(model, frames, system_ids) -> dict:
-    """Median time (ms) to predict one structure: descriptor, then network."""
+    """Time (ms) to predict one structure: median of the descriptor and the
+    network called on one structure at a time, and the descriptor per
+    structure when all are computed in one call."""
     descriptor_ms, network_ms = [], []
     with torch.no_grad():
         for atoms, system in zip(frames, system_ids):
@@ -116,9 +121,13 @@ def prediction_milliseconds(model, frames, system_ids) -> dict:
             model(descriptor)
             descriptor_ms.append(1e3 * (middle - start))
             network_ms.append(1e3 * (time.perf_counter() - middle))
+    start = time.perf_counter()
+    model.descriptor.compute(frames, system_ids)
+    batched_ms = 1e3 * (time.perf_counter() - start) / len(frames)
     return {
         "descriptor_ms": statistics.median(descriptor_ms),
         "network_ms": statistics.median(network_ms),
+        "descriptor_batched_ms": batched_ms,
     }
 
 
@@ -156,6 +165,8 @@ COLUMNS = [  # result key, title, width, format
     ("l1_vs_ri_percent", "L1 RI %", 7, ".3f"), ("l1_vs_scf_percent", "L1 SCF %", 8, ".3f"),
     ("ri_l1_vs_scf_percent", "RI-SCF %", 8, ".3f"),
     ("descriptor_ms", "desc ms", 7, ".1f"), ("network_ms", "net ms", 6, ".2f"),
+    ("descriptor_batched_ms", "batch ms", 8, ".1f"),
+    ("predict_ms_mean_in_evaluate", "eval ms", 7, ".1f"),
 ]
 
 
@@ -177,7 +188,7 @@ def main():
     parser.add_argument("--adam-epochs", type=int, default=100, help="Adam epochs (nonlinear)")
     parser.add_argument("--grid-level", type=int, default=3, help="PySCF grid of the L1 errors")
     parser.add_argument("--workers", type=int, default=2, help="PySCF processes for the dataset")
-    parser.add_argument("--threads", type=int, default=2,
+    parser.add_argument("--threads", type=int, default=1,
                         help="torch and PySCF threads of this process (training, evaluation)")
     parser.add_argument("--seed", type=int, default=0, help="structures, split and training")
     parser.add_argument("--output", default=os.path.join(OUTPUT_DIR, "learning_curve.json"))

@@ -19,11 +19,12 @@ import dataclasses
 import json
 import os
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import ase
 import torch
 import tqdm
+from metatensor.torch import TensorMap
 
 from . import layout
 from .descriptors import select_system
@@ -228,11 +229,11 @@ def evaluate(
     }
     rows, norms = [], []
     seconds = {"predict": 0.0, "real_space": 0.0}
-    for index in tqdm.tqdm(indices, desc="evaluate", unit="structure", disable=not progress):
+    predictions = predict_in_batches(model, folder.frames, indices, seconds)
+    bar = tqdm.tqdm(predictions, total=len(indices), desc="evaluate", unit="structure",
+                    disable=not progress)
+    for index, prediction in bar:
         atoms = folder.frames[index]
-        start = time.perf_counter()
-        prediction = model.predict([atoms], [index])
-        seconds["predict"] += time.perf_counter() - start
         reference = files["coefficients"](index)
         model.check_targets(reference, where=f"structure {index}")
         norm = overlap_norms(prediction, reference, files["overlap"](index), model.baseline.means)
@@ -295,23 +296,37 @@ def predict(
     with ``cube``, ``out/<i>/density.cube`` (Gaussian bases only; grid spacing
     ``cube_spacing`` in Angstrom, density in electrons/Bohr^3 as the cube format
     uses). Returns the structure folders. Structures are predicted
-    ``batch_size`` at a time: one descriptor call per batch is much cheaper
-    than one per structure.
+    ``batch_size`` at a time (:func:`predict_in_batches`): one descriptor call
+    per batch is much cheaper than one per structure.
     """
-    folders = []
-    bar = tqdm.tqdm(total=len(frames), desc="predict", unit="structure", disable=not progress)
-    with bar:
-        for first in range(0, len(frames), batch_size):
-            indices = list(range(first, min(first + batch_size, len(frames))))
-            batch = model.predict([frames[i] for i in indices], indices)
-            for index in indices:
-                coefficients = select_system(batch, index)
-                folders.append(
-                    _write_prediction(model, frames[index], index, coefficients, out, cube,
-                                      cube_spacing)
-                )
-                bar.update()
-    return folders
+    predictions = predict_in_batches(model, frames, range(len(frames)), batch_size=batch_size)
+    bar = tqdm.tqdm(predictions, total=len(frames), desc="predict", unit="structure",
+                    disable=not progress)
+    return [
+        _write_prediction(model, frames[index], index, coefficients, out, cube, cube_spacing)
+        for index, coefficients in bar
+    ]
+
+
+def predict_in_batches(
+    model: DensityModel,
+    frames: Sequence[ase.Atoms],
+    indices: Sequence[int],
+    seconds: Optional[Dict[str, float]] = None,
+    batch_size: int = 16,
+) -> Iterator[Tuple[int, TensorMap]]:
+    """``(index, coefficients of frames[index])`` for each of ``indices``, predicted
+    ``batch_size`` structures per descriptor call; the time spent predicting is
+    added to ``seconds["predict"]`` if given."""
+    indices = list(indices)
+    for first in range(0, len(indices), batch_size):
+        batch_indices = indices[first : first + batch_size]
+        start = time.perf_counter()
+        batch = model.predict([frames[i] for i in batch_indices], batch_indices)
+        if seconds is not None:
+            seconds["predict"] += time.perf_counter() - start
+        for index in batch_indices:
+            yield index, select_system(batch, index)
 
 
 def _write_prediction(model, atoms, index, coefficients, out, cube, cube_spacing) -> str:
