@@ -44,8 +44,10 @@ import tqdm
 
 from rholearn import layout
 from rholearn.basis import BasisSet
+from rholearn.layout import Failure
 from rholearn.files import atomic_path, write_json
 
+from .structures import structure_name
 from .targets import Targets
 
 Compute = Callable[..., Targets]
@@ -66,32 +68,12 @@ class DatasetError(ValueError):
     """Bad input for a dataset: unreadable structures, or a folder holding another dataset."""
 
 
-@dataclasses.dataclass
-class Failure:
-    """Why one structure has no targets (one entry of ``failures.json``).
-
-    Attributes
-    ----------
-    structure : str
-        ``atoms.info["name"]`` if set, else the chemical formula.
-    error : str
-        Type name of the exception (``"SCFNotConverged"``, ``"KeyError"``, ...).
-    reason : str
-        The exception's message.
-    """
-
-    structure: str
-    error: str
-    reason: str
-
-    @classmethod
-    def of(cls, atoms: ase.Atoms, error: Exception) -> "Failure":
-        """The failure of computing ``atoms`` with this exception."""
-        # str(KeyError("...")) adds quotes around the message
-        single_message = len(error.args) == 1 and isinstance(error.args[0], str)
-        reason = error.args[0] if single_message else str(error)
-        name = atoms.info.get("name", atoms.get_chemical_formula())
-        return cls(structure=str(name), error=type(error).__name__, reason=reason)
+def failure_of(atoms: ase.Atoms, error: Exception) -> Failure:
+    """The :class:`~rholearn.layout.Failure` of computing ``atoms`` with this exception."""
+    # str(KeyError("...")) adds quotes around the message
+    single_message = len(error.args) == 1 and isinstance(error.args[0], str)
+    reason = error.args[0] if single_message else str(error)
+    return Failure(structure=structure_name(atoms), error=type(error).__name__, reason=reason)
 
 
 @dataclasses.dataclass
@@ -147,15 +129,12 @@ def read_structures(path: str, index: str = ":") -> List[ase.Atoms]:
 
 
 def read_failures(out: str) -> Dict[int, Failure]:
-    """The failed structures of a dataset folder (empty if there are none)."""
-    path = os.path.join(out, layout.FAILURES_FILE)
-    if not os.path.exists(path):
-        return {}
+    """The failed structures of a dataset folder (:func:`rholearn.layout.read_failures`),
+    a corrupt file being a :class:`DatasetError`."""
     try:
-        with open(path) as f:
-            return {int(index): Failure(**record) for index, record in json.load(f).items()}
-    except (OSError, ValueError, TypeError) as error:
-        raise DatasetError(f"cannot read failures file '{path}': {error}") from error
+        return layout.read_failures(out)
+    except ValueError as error:
+        raise DatasetError(str(error)) from error
 
 
 def run_batch(
@@ -167,6 +146,7 @@ def run_batch(
     n_workers: int = 1,
     progress: bool = True,
     settings: Optional[dict] = None,
+    locked: bool = False,
 ) -> BatchReport:
     """Compute and write the targets of every structure not yet in ``out``.
 
@@ -203,6 +183,9 @@ def run_batch(
         one dataset never mixes targets of different methods. Settings that do
         not change converged targets (``max_cycle``, ...) should be left out, so
         that failed structures can be retried with them changed.
+    locked : bool
+        The caller already holds :func:`exclusive_lock` on ``out`` (to prepare
+        the inputs of ``compute`` under the same lock); else it is taken here.
 
     Raises
     ------
@@ -212,12 +195,14 @@ def run_batch(
     if len(structures) == 0:
         raise DatasetError(f"no structures to compute into '{out}'")
     os.makedirs(out, exist_ok=True)
-    with _exclusive_lock(out):
+    with contextlib.nullcontext() if locked else exclusive_lock(out):
         _prepare(out, structures, basis, settings)
         _remove_stale_files(out)
         todo = [i for i in range(len(structures)) if not _is_complete(out, i)]
         skipped = sorted(set(range(len(structures))) - set(todo))
-        failures = read_failures(out)
+        # a structure completed by a run killed before it updated failures.json
+        failures = {i: f for i, f in read_failures(out).items() if i in todo}
+        layout.write_failures(out, failures)
         report = BatchReport(done=[], skipped=skipped, failed=[])
         bar = tqdm.tqdm(
             total=len(structures), initial=len(skipped), unit="structure",
@@ -233,7 +218,7 @@ def run_batch(
                 else:
                     failures[index] = outcome
                     report.failed.append(index)
-                _write_failures(out, failures)
+                layout.write_failures(out, failures)
                 bar.set_postfix(failed=len(report.failed), refresh=False)
                 bar.update()
     report.done.sort()
@@ -251,9 +236,13 @@ def _compute_or_failure(
     executor (exceptions of some types cannot be pickled back).
     """
     try:
-        return compute(atoms, system=system)
+        targets = compute(atoms, system=system)
+        if not isinstance(targets, Targets):
+            raise TypeError(f"compute returned {type(targets).__name__}, not Targets")
+        json.dumps(targets.info)  # info.json must be writable, or the parent fails later
+        return targets
     except Exception as error:
-        return Failure.of(atoms, error)
+        return failure_of(atoms, error)
 
 
 def _check_elements(compute: Compute, basis: BasisSet) -> Compute:
@@ -263,8 +252,8 @@ def _check_elements(compute: Compute, basis: BasisSet) -> Compute:
 
 
 def _compute_in_basis(compute: Compute, basis: BasisSet, atoms: ase.Atoms, system: int):
-    name = atoms.info.get("name", atoms.get_chemical_formula())
-    basis.check_elements(atoms.get_chemical_symbols(), where=f"structure {system} ({name})")
+    where = f"structure {system} ({structure_name(atoms)})"
+    basis.check_elements(atoms.get_chemical_symbols(), where=where)
     return compute(atoms, system=system)
 
 
@@ -310,7 +299,7 @@ def _as_completed(structures, pending) -> Iterator[Tuple[int, Union[Targets, Fai
             try:
                 yield index, future.result()
             except Exception as error:  # the worker itself died or was cancelled
-                yield index, Failure.of(structures[index], error)
+                yield index, failure_of(structures[index], error)
 
 
 def _is_complete(out: str, index: int) -> bool:
@@ -382,9 +371,11 @@ def _check_same_basis(path: str, requested: BasisSet) -> None:
 
 
 def _same_structure(a: ase.Atoms, b: ase.Atoms) -> bool:
-    """Same atoms, periodicity, cell and positions (to :data:`POSITION_TOLERANCE`)."""
+    """Same atoms, periodicity, cell, positions (to :data:`POSITION_TOLERANCE`),
+    charge and spin."""
     return (
-        np.array_equal(a.numbers, b.numbers)
+        all(a.info.get(key, 0) == b.info.get(key, 0) for key in ("charge", "spin"))
+        and np.array_equal(a.numbers, b.numbers)
         and np.array_equal(a.pbc, b.pbc)
         and np.allclose(a.cell.array, b.cell.array, rtol=0, atol=POSITION_TOLERANCE)
         and np.allclose(a.positions, b.positions, rtol=0, atol=POSITION_TOLERANCE)
@@ -419,17 +410,8 @@ def _remove_stale_files(out: str) -> None:
             os.remove(path)
 
 
-def _write_failures(out: str, failures: Dict[int, Failure]) -> None:
-    path = os.path.join(out, layout.FAILURES_FILE)
-    if not failures:
-        if os.path.exists(path):
-            os.remove(path)
-        return
-    write_json(path, {str(i): dataclasses.asdict(failures[i]) for i in sorted(failures)})
-
-
 @contextlib.contextmanager
-def _exclusive_lock(out: str):
+def exclusive_lock(out: str):
     """Hold an exclusive ``flock`` on ``out/.lock``; the kernel releases it when
     the process dies, so a killed run never blocks the next one."""
     path = os.path.join(out, _LOCK_FILE)

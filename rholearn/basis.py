@@ -99,10 +99,6 @@ class BasisSet:
             counts[shell.l] = counts.get(shell.l, 0) + 1
         return dict(sorted(counts.items()))
 
-    def shells_of(self, symbol: str, l: int) -> List[Shell]:
-        """The radial functions of angular momentum ``l`` of an element, in ``n`` order."""
-        return [shell for shell in self.shells[symbol] if shell.l == l]
-
     def n_functions(self, symbols: Sequence[str]) -> int:
         """Number of basis functions on a structure with these element symbols."""
         return sum(

@@ -16,8 +16,10 @@ import sys
 from typing import List, Optional
 
 
-from . import workflow
-from .data import read_dataset
+from rhocalc.batch import read_structures  # the CLI composes both packages
+
+from . import layout, workflow
+from .files import write_json
 from .models import DensityModel
 from .train import TrainOptions
 from .visualise import write_chemiscope
@@ -116,9 +118,8 @@ def _evaluate(args) -> int:
         model, dataset, indices, real_space=not args.no_real_space, grid_level=args.grid_level
     )
     path = os.path.join(args.run, f"errors_{args.subset}.json")
-    with open(path, "w") as f:
-        json.dump(errors, f, indent=1)
-    frames = read_dataset(dataset).frames
+    write_json(path, errors)
+    frames = read_structures(os.path.join(dataset, layout.STRUCTURES_FILE))
     map_path = os.path.join(args.run, f"errors_{args.subset}.chemiscope.json.gz")
     rows = errors["structures"]
     write_chemiscope(map_path, [frames[row["index"]] for row in rows], rows, name=args.run)
@@ -146,8 +147,6 @@ def _add_predict(commands) -> None:
 
 
 def _predict(args) -> int:
-    from rhocalc.batch import read_structures
-
     model = DensityModel.load(args.model)
     frames = read_structures(args.structures, args.index)
     folders = workflow.predict(model, frames, args.out, cube=args.cube, cube_spacing=args.spacing)

@@ -16,7 +16,6 @@ apart).
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -89,8 +88,8 @@ def read_dataset(root: str, basis: Optional[BasisSet] = None) -> DatasetFolder:
         i for i in range(len(frames)) if os.path.isdir(layout.structure_dir(root, i))
     ]
     failures = {
-        i: reason
-        for i, reason in _read_failures(os.path.join(root, layout.FAILURES_FILE)).items()
+        i: str(failure)  # "name, error: reason"
+        for i, failure in layout.read_failures(root).items()
         if i not in indices
     }
     if failures:
@@ -136,24 +135,6 @@ def _existing(path: str) -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"missing file '{path}'")
     return path
-
-
-def _read_failures(path: str) -> Dict[int, str]:
-    """``failures.json`` as index -> "error: reason"; {} if absent.
-
-    The file maps ``"<index>"`` to ``{"structure", "error", "reason"}``
-    (written by :mod:`rhocalc.batch`).
-    """
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path) as f:
-            return {
-                int(index): f"{record['structure']}, {record['error']}: {record['reason']}"
-                for index, record in json.load(f).items()
-            }
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        raise ValueError(f"cannot read failures file '{path}': {error}") from error
 
 
 def _summarise(failures: Dict[int, str], shown: int = 5) -> str:
@@ -298,7 +279,7 @@ def make_dataset(
         that training does not stop half-way).
     """
     indices = list(folder.indices if indices is None else indices)
-    _check_completed(folder, indices)
+    check_completed(folder, indices)
     device = torch.device(device)
     fields: Dict[str, object] = {"frame": [folder.frames[i] for i in indices]}
     if descriptors is not None:
@@ -313,7 +294,8 @@ def make_dataset(
     return IndexedDataset(sample_id=indices, **fields)
 
 
-def _check_completed(folder: DatasetFolder, indices: Sequence[int]) -> None:
+def check_completed(folder: DatasetFolder, indices: Sequence[int]) -> None:
+    """Raise a ``ValueError`` naming the first of ``indices`` without targets (and why)."""
     completed = set(folder.indices)
     for i in indices:
         if i not in completed:

@@ -26,6 +26,8 @@ functions; projections ``w = S c`` carry the same units as the overlaps.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 from typing import Dict, List, Sequence, Tuple
 
@@ -35,7 +37,7 @@ import metatensor
 from metatensor import Labels, TensorBlock, TensorMap
 
 from .basis import BasisSet
-from .files import atomic_path
+from .files import atomic_path, write_json
 
 KEY_NAMES = ["o3_lambda", "o3_sigma", "center_type"]
 SAMPLE_NAMES = ["system", "atom"]
@@ -58,6 +60,49 @@ COEFFICIENTS_FILE = "coefficients.mts"
 PROJECTIONS_FILE = "projections.mts"
 OVERLAP_FILE = "overlap.mts"
 INFO_FILE = "info.json"
+
+
+@dataclasses.dataclass
+class Failure:
+    """Why one structure of a dataset has no targets (an entry of ``failures.json``).
+
+    Attributes
+    ----------
+    structure : str
+        The structure's name (``atoms.info["name"]``) or chemical formula.
+    error : str
+        Type name of the exception (``"SCFNotConverged"``, ``"KeyError"``, ...).
+    reason : str
+        The exception's message.
+    """
+
+    structure: str
+    error: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.structure}, {self.error}: {self.reason}"
+
+
+def read_failures(root: str) -> Dict[int, Failure]:
+    """The failed structures of a dataset folder, by index ({} if none)."""
+    path = os.path.join(root, FAILURES_FILE)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            return {int(index): Failure(**record) for index, record in json.load(f).items()}
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise ValueError(f"cannot read failures file '{path}': {error}") from error
+
+
+def write_failures(root: str, failures: Dict[int, Failure]) -> None:
+    """Write ``failures.json`` atomically (removed when there are no failures)."""
+    path = os.path.join(root, FAILURES_FILE)
+    if failures:
+        write_json(path, {str(i): dataclasses.asdict(failures[i]) for i in sorted(failures)})
+    elif os.path.exists(path):
+        os.remove(path)
 
 
 def structure_dir(root: str, index: int) -> str:

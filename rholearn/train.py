@@ -108,6 +108,10 @@ class TrainOptions:
             raise ValueError(f"scheduler must be 'plateau' or None, got '{self.scheduler}'")
         if not isinstance(getattr(torch, self.dtype, None), torch.dtype):
             raise ValueError(f"dtype must name a torch dtype, got '{self.dtype}'")
+        if self.early_stopping_patience is not None and self.early_stopping_patience < 1:
+            raise ValueError(
+                f"early_stopping_patience must be >= 1 or None, got {self.early_stopping_patience}"
+            )
         for name in ("epochs", "batch_size", "checkpoint_every", "lbfgs_max_iter"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -192,6 +196,12 @@ def train(
         train_loss = run_epoch(model, loss_fn, train_loader, optimizer)
         val_loss = math.nan if val_loader is None else evaluate(model, loss_fn, val_loader)
         monitored = train_loss if val_loader is None else val_loss
+        if not math.isfinite(monitored):
+            raise FloatingPointError(
+                f"epoch {epoch}: the {'training' if val_loader is None else 'validation'} "
+                f"loss is {monitored}; lower the learning rate, or check the targets "
+                f"(the last good weights are in '{run_dir}')"
+            )
         if scheduler is not None:
             scheduler.step(monitored)
         record = {

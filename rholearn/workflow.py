@@ -28,20 +28,29 @@ from metatensor.torch import TensorMap
 
 from . import layout
 from .descriptors import select_system
-from .data import StructureDescriptors, TargetFile, make_dataset, read_dataset, split_indices
+from .data import (
+    StructureDescriptors, TargetFile, check_completed, make_dataset, read_dataset, split_indices,
+)
 from .files import write_json
 from .loss import CoefficientLoss, OverlapLoss, ProjectionLoss
 from .metrics import error_summary, overlap_norms
 from .models import Baseline, DensityModel
-from .train import BEST_CHECKPOINT, TrainOptions, load_checkpoint, train
+from .train import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainOptions, load_checkpoint, train
 
 LOSSES = {"coefficient": CoefficientLoss, "overlap": OverlapLoss, "projection": ProjectionLoss}
 """Loss functions by name (see :mod:`rholearn.loss`)."""
 
+LOSS_TARGETS = {
+    "coefficient": ("coefficients",),
+    "overlap": ("coefficients", "overlap"),
+    "projection": ("projections", "overlap"),
+}
+"""The target files each loss reads."""
+
 MODEL_FILE = "model.pt"
 SPLIT_FILE = "split.json"
 FIT_FILE = "fit.json"
-"""The dataset a run was trained on and its :class:`FitOptions`."""
+"""The dataset, model options and split of a run (training options: ``options.json``)."""
 DESCRIPTOR_CACHE = "descriptors"
 SUBSETS = ("train", "val", "test")
 
@@ -124,12 +133,7 @@ def fit(
         split = _explicit_split(split)
     if not split["train"]:
         raise ValueError(f"no training structures: {len(folder.indices)} completed in '{dataset}'")
-    os.makedirs(run_dir, exist_ok=True)
-    write_json(os.path.join(run_dir, SPLIT_FILE), split)
-    write_json(
-        os.path.join(run_dir, FIT_FILE),
-        {"dataset": os.path.abspath(dataset), "options": dataclasses.asdict(options)},
-    )
+    _claim_run_dir(run_dir, dataset, options, split, resume)
 
     dtype = options.train.torch_dtype
     coefficients = TargetFile(folder.root, layout.COEFFICIENTS_FILE, dtype, torch.device("cpu"))
@@ -140,7 +144,7 @@ def fit(
     cache = os.path.join(run_dir, DESCRIPTOR_CACHE)
     _fill_descriptor_cache(model, folder.frames, split["train"] + split["val"], cache)
     descriptors = StructureDescriptors(model.descriptor, folder.frames, cache)
-    targets = ("coefficients",) if options.loss == "coefficient" else ("coefficients", "projections", "overlap")
+    targets = LOSS_TARGETS[options.loss]
     datasets = {
         name: make_dataset(folder, split[name], descriptors, targets, dtype, options.train.device)
         for name in ("train", "val")
@@ -159,6 +163,35 @@ def fit(
     return FitResult(model=model, history=history, split=split, run_dir=run_dir)
 
 
+def _claim_run_dir(run_dir: str, dataset: str, options: FitOptions, split, resume: bool) -> None:
+    """Write ``fit.json`` and ``split.json``, or check that a run already in
+    ``run_dir`` trained the same model on the same data, so that a resumed run
+    (and its cached descriptors) never mixes two datasets, splits or models."""
+    record = json.loads(json.dumps({
+        "dataset": os.path.abspath(dataset),
+        "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "train"},
+        "split": split,
+    }))
+    fit_path = os.path.join(run_dir, FIT_FILE)
+    if os.path.exists(os.path.join(run_dir, LAST_CHECKPOINT)) and not resume:
+        raise FileExistsError(
+            f"'{run_dir}' already holds a training run; pass resume=True (--resume) to "
+            "continue it or choose another run folder"
+        )
+    if os.path.exists(fit_path):
+        with open(fit_path) as f:
+            existing = json.load(f)
+        differing = sorted(name for name in record if existing.get(name) != record[name])
+        if differing:
+            raise ValueError(
+                f"'{run_dir}' holds a run with another {', '.join(differing)} ('{fit_path}'); "
+                "choose another run folder"
+            )
+    os.makedirs(run_dir, exist_ok=True)
+    write_json(os.path.join(run_dir, SPLIT_FILE), split)
+    write_json(fit_path, record)
+
+
 def _fill_descriptor_cache(model, frames, indices, cache_dir, batch_size: int = 16) -> None:
     """Compute the descriptors of ``indices`` in batches (one featomic call per
     batch is much cheaper than one per structure) into the cache folder."""
@@ -168,8 +201,9 @@ def _fill_descriptor_cache(model, frames, indices, cache_dir, batch_size: int = 
 
 
 def _split(indices: Sequence[int], options: FitOptions):
-    if options.n_train is None and options.n_val is None:
-        return split_indices(indices, fractions=(0.8, 0.1, 0.1), seed=options.split_seed)
+    if options.n_train is None and options.n_val is None:  # 80 / 10 / the rest
+        n_train, n_val = int(0.8 * len(indices)), int(0.1 * len(indices))
+        return split_indices(indices, n_train, n_val, seed=options.split_seed)
     return split_indices(
         indices, options.n_train, options.n_val, options.n_test, seed=options.split_seed
     )
@@ -213,6 +247,9 @@ def evaluate(
     """
     folder = read_dataset(dataset, basis=model.basis)
     indices = list(folder.indices if indices is None else indices)
+    if not indices:
+        raise ValueError(f"no structures of '{dataset}' to evaluate")
+    check_completed(folder, indices)
     numeric = [s for s, shells in folder.basis.shells.items() if not all(x.exponents for x in shells)]
     if real_space and numeric:
         raise ValueError(
@@ -238,17 +275,15 @@ def evaluate(
         model.check_targets(reference, where=f"structure {index}")
         norm = overlap_norms(prediction, reference, files["overlap"](index), model.baseline.means)
         norms.append(norm)
-        row = {
-            "index": index,
-            "formula": atoms.get_chemical_formula(),
-            "relative_l2_percent": float(100 * torch.sqrt(norm.squared_errors / norm.norms)),
-        }
+        row = {"index": index, "formula": atoms.get_chemical_formula()}
         if real_space:
             start = time.perf_counter()
             row.update(_real_space_errors(atoms, prediction, reference, folder, index, grid_level))
             seconds["real_space"] += time.perf_counter() - start
         rows.append(row)
     summary = error_summary(norms)
+    for row in rows:
+        row["relative_l2_percent"] = summary["relative_l2_percent"]["per_structure"][row["index"]]
     aggregate = {
         "n_structures": len(rows),
         "relative_l2_percent": summary["relative_l2_percent"]["mean"],

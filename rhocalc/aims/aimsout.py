@@ -64,7 +64,7 @@ _PRODBAS_RADIUS = re.compile(
     r"^\s*\|\s+([A-Z][a-z]?)\s+(\d+)\s+" + _NUMBER + r"\s+A\s+" + _NUMBER + r"\s+A\s+"
     + _NUMBER + r"\s+a\.u\."
 )
-_SCF_CONVERGED = "Self-consistency cycle converged."
+SCF_CONVERGED = "Self-consistency cycle converged."
 _FINISHED = "Have a nice day."
 
 
@@ -101,7 +101,7 @@ def parse_aims_out(path: str) -> Dict[str, Any]:
         lines = f.read().splitlines()
     summary: Dict[str, Any] = {
         "finished": any(_FINISHED in line for line in lines),
-        "scf_converged": any(_SCF_CONVERGED in line for line in lines),
+        "scf_converged": any(SCF_CONVERGED in line for line in lines),
     }
     for line in lines:
         for key, pattern, convert in _SCALARS:

@@ -10,8 +10,10 @@ into the dataset without running aims.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
+from rhocalc.batch import exclusive_lock
 from rhocalc.cli import batch_command
 
 
@@ -88,7 +90,7 @@ def add_parser(subparsers) -> None:
         "have not finished are listed as failed; rerun after more runs finish.",
     )
     parse.add_argument("out", metavar="DIR", help="dataset folder of `rhocalc aims`")
-    parse.add_argument("--workers", type=int, default=1, metavar="N",
+    parse.add_argument("--workers", type=batch_command.positive_int, default=1, metavar="N",
                        help="parallel worker processes")
     parse.add_argument("--quiet", action="store_true", help="no progress bar")
     parse.set_defaults(handler=run_parse)
@@ -107,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             orbitals=tuple(args.orbitals) if args.orbitals else None, cube=args.cube,
             keywords=dict(_keyword(text) for text in args.keyword),
         )
+        options.resolved_command()  # a bad $ASE_AIMS_COMMAND is an error here, not later
     except ValueError as error:
         print(f"rhocalc aims: error: {error}", file=sys.stderr)
         return 2
@@ -123,12 +126,14 @@ def run(args: argparse.Namespace) -> int:
         for index, reason in jobs["failed"].items():
             print(f"  structure {index}: next step not prepared: {reason}", file=sys.stderr)
         return 0
-    try:
-        compute, basis = aims.run.dataset_compute(structures, args.out, options, run=True)
-    except aims.AimsRunError as error:
-        print(f"rhocalc aims: error: {error}", file=sys.stderr)
-        return 2
-    return batch_command.run_and_summarise(args, structures, compute, basis)
+    os.makedirs(args.out, exist_ok=True)
+    with exclusive_lock(args.out):  # held from preparing the runs to the last target
+        try:
+            compute, basis = aims.run.dataset_compute(structures, args.out, options, run=True)
+        except aims.AimsRunError as error:
+            print(f"rhocalc aims: error: {error}", file=sys.stderr)
+            return 2
+        return batch_command.run_and_summarise(args, structures, compute, basis, locked=True)
 
 
 def run_parse(args: argparse.Namespace) -> int:
@@ -136,8 +141,9 @@ def run_parse(args: argparse.Namespace) -> int:
     from rhocalc import aims
 
     structures, options = aims.run.read_runs(args.out)
-    compute, basis = aims.run.dataset_compute(structures, args.out, options, run=False)
-    return batch_command.run_and_summarise(args, structures, compute, basis)
+    with exclusive_lock(args.out):  # held from reading the runs to the last target
+        compute, basis = aims.run.dataset_compute(structures, args.out, options, run=False)
+        return batch_command.run_and_summarise(args, structures, compute, basis, locked=True)
 
 
 def _keyword(text: str):

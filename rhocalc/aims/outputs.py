@@ -43,6 +43,7 @@ from rholearn.basis import BasisSet, Shell
 from rhocalc.targets import Targets
 
 from . import aimsout
+from .inputs import ORBITAL_WEIGHTS
 from .order import AimsOrder, aims_order, from_aims
 
 BASIS_NAME = "aims-prodbas"
@@ -119,6 +120,8 @@ def read_table(path: str, n_columns: int) -> np.ndarray:
     """
     if not os.path.isfile(path):
         raise AimsOutputError(f"missing aims output file '{path}'")
+    if next(_data_lines(path), None) is None:
+        raise AimsOutputError(f"aims output file '{path}' is empty")
     try:
         table = np.loadtxt(path, ndmin=2, dtype=np.float64)
     except ValueError:
@@ -132,8 +135,6 @@ def read_table(path: str, n_columns: int) -> np.ndarray:
         raise AimsOutputError(
             f"'{path}', line {line}: expected {n_columns} number(s), got '{text}'"
         )
-    if table.shape[0] == 0:
-        raise AimsOutputError(f"aims output file '{path}' is empty")
     bad_rows = np.flatnonzero(~np.isfinite(table).all(axis=1))
     if len(bad_rows):
         line, text = _data_line(path, bad_rows[0])
@@ -298,11 +299,25 @@ def read_grid_field(path: str) -> Tuple[np.ndarray, np.ndarray]:
     return table[:, :3], table[:, 3]
 
 
-def fit_error(directory: str, generation: FileGeneration, orbital: Optional[int] = None) -> Dict:
+def fit_error(
+    directory: str,
+    generation: FileGeneration,
+    orbital: Optional[int] = None,
+    n_electrons: Optional[float] = None,
+) -> Dict:
     """Real-space error of the RI fit on aims' integration grid.
 
-    ``100 * sum_p w_p |rho_RI(p) - rho_SCF(p)| / sum_p w_p rho_SCF(p)``: the
-    absolute error integrated over space, in % of the electron count.
+    ``100 * sum_p w_p |rho_RI(p) - rho_SCF(p)| / N``: the absolute error
+    integrated over space, in % of the electron count ``N``.
+
+    Parameters
+    ----------
+    directory, generation, orbital
+        As in :func:`read_ri_run`.
+    n_electrons : float, optional
+        The exact electron count ``N`` of the fitted density (as the PySCF
+        backend uses). Default: the grid integral ``sum_p w_p rho_SCF(p)``,
+        for fields whose electron count aims does not print (orbital fits).
 
     Returns
     -------
@@ -323,10 +338,12 @@ def fit_error(directory: str, generation: FileGeneration, orbital: Optional[int]
                 f"'{path}' is on other grid points than '{paths[0]}' "
                 f"({len(other)} and {len(points)} points)"
             )
-    n_electrons = float(weights @ scf)
+    n_electrons_grid = float(weights @ scf)
+    if n_electrons is None:
+        n_electrons = n_electrons_grid
     return {
         "fit_l1_error_percent": float(100 * (weights @ np.abs(ri - scf)) / n_electrons),
-        "n_electrons_scf_grid": n_electrons,
+        "n_electrons_scf_grid": n_electrons_grid,
         "n_electrons_fitted_grid": float(weights @ ri),
     }
 
@@ -383,7 +400,9 @@ def read_ri_run(
         ``info`` holding the ``aims.out`` summary (``ri_fit``, see
         :func:`rhocalc.aims.aimsout.parse_aims_out`), the file generation
         (``aims_files``), the real-space fit error (see :func:`fit_error`) and
-        the cube files aims wrote; and the product basis.
+        the cube files aims wrote; and the product basis. The fit error is
+        relative to the electron count in ``aims.out`` when the total density
+        is fitted, else to the grid integral of the fitted field.
     """
     generation = detect_generation(directory)
     symbols = atoms.get_chemical_symbols()
@@ -402,17 +421,20 @@ def read_ri_run(
     projections = from_aims(read_vector(path(orbital_file(generation.projections, orbital)), n),
                             order)
     overlap = from_aims(read_overlap(path(generation.overlap), n), order)
+    ri_fit = aimsout.parse_aims_out(path("aims.out")) if os.path.isfile(path("aims.out")) else {}
+    total_density = orbital is None and not os.path.isfile(path(ORBITAL_WEIGHTS))
     numbers = atoms.numbers
     info = {
         "backend": "aims",
         "aims_files": generation.name,
         "ri_run_dir": os.path.abspath(directory),
         "n_aux_functions": n,
-        **fit_error(directory, generation, orbital),
+        **fit_error(directory, generation, orbital,
+                    n_electrons=ri_fit.get("n_electrons") if total_density else None),
         "cube_files": sorted(os.path.basename(p) for p in glob.glob(path("*.cube"))),
     }
-    if os.path.isfile(path("aims.out")):
-        info["ri_fit"] = aimsout.parse_aims_out(path("aims.out"))
+    if ri_fit:
+        info["ri_fit"] = ri_fit
     if orbital is not None:
         info["orbital"] = orbital
     targets = Targets(

@@ -36,8 +36,10 @@ import ase.io
 from ase.calculators.aims import AimsProfile
 
 from rhocalc.batch import (
-    BatchReport, Compute, DatasetError, read_structures, run_batch, write_or_check_structures,
+    BatchReport, Compute, DatasetError, exclusive_lock, read_structures, run_batch,
+    write_or_check_structures,
 )
+from rhocalc.structures import structure_name
 from rhocalc.targets import Targets
 from rholearn import layout
 from rholearn.basis import BasisSet
@@ -97,12 +99,14 @@ def pending_step(runs: str, index: int) -> Optional[str]:
 def prepare_step(atoms: ase.Atoms, runs: str, index: int, step: str, options: AimsOptions) -> str:
     """Write the inputs of one step of structure ``index``; returns its run folder.
 
-    The ``ri`` step links the SCF density matrix (``D_*.csc``) and, when
-    fitting orbitals, writes their weights from the SCF's orbital list.
+    The ``ri`` step (only after a converged SCF, see :func:`check_scf_converged`)
+    links the SCF density matrix (``D_*.csc``) and, when fitting orbitals,
+    writes their weights from the SCF's orbital list.
     """
     directory = step_dir(runs, index, step)
     inputs.write_inputs(atoms, directory, step, options)
     if step == "ri":
+        check_scf_converged(runs, index)
         scf = step_dir(runs, index, "scf")
         matrices = sorted(glob.glob(os.path.join(scf, "D_*.csc")))
         if not matrices:
@@ -120,6 +124,17 @@ def prepare_step(atoms: ase.Atoms, runs: str, index: int, step: str, options: Ai
                 directory, os.path.join(scf, inputs.ORBITAL_INFO), options.orbitals
             )
     return directory
+
+
+def check_scf_converged(runs: str, index: int) -> None:
+    """Raise :class:`AimsRunError` naming its ``aims.out`` if the finished SCF of
+    structure ``index`` did not converge (its density makes no targets)."""
+    output = os.path.join(step_dir(runs, index, "scf"), "aims.out")
+    if not aimsout.parse_aims_out(output)["scf_converged"]:
+        raise AimsRunError(
+            f"the SCF of structure {index} did not converge: no "
+            f"'{aimsout.SCF_CONVERGED}' in '{output}'"
+        )
 
 
 def run_aims(directory: str, command: str) -> None:
@@ -191,6 +206,7 @@ def compute_targets(
             f"the {step} step of structure {system} has not finished: no normal end in "
             f"'{os.path.join(step_dir(runs, system, step), 'aims.out')}'"
         )
+    check_scf_converged(runs, system)
     targets, run_basis = outputs.read_ri_run(
         step_dir(runs, system, "ri"), atoms, system, overlap_threshold=options.overlap_threshold
     )
@@ -201,11 +217,12 @@ def compute_targets(
         )
     scf = aimsout.parse_aims_out(os.path.join(step_dir(runs, system, "scf"), "aims.out"))
     ri_fit = targets.info.get("ri_fit", {})
+    charge = float(atoms.info.get("charge", 0))  # aims allows fractional charges
     targets.info.update({
-        "name": str(atoms.info.get("name", atoms.get_chemical_formula())),
+        "name": structure_name(atoms),
         "formula": atoms.get_chemical_formula(),
         "system": system,
-        "charge": float(atoms.info.get("charge", 0)),
+        "charge": int(charge) if charge.is_integer() else charge,  # int as with PySCF
         "energy_hartree": scf.get("total_energy_hartree"),
         "converged": scf["scf_converged"],
         "n_scf_cycles": scf.get("n_scf_cycles"),
@@ -283,6 +300,9 @@ def run_dataset(
     executor, n_workers, progress
         As in :func:`rhocalc.batch.run_batch`.
 
+    All of it holds :func:`rhocalc.batch.exclusive_lock` on ``out``, so a
+    concurrent run on the same folder is refused rather than racing.
+
     Returns
     -------
     BatchReport, or dict
@@ -290,11 +310,15 @@ def run_dataset(
         (``"scripts"``: step -> path) and the structures whose next step could
         not be prepared (``"failed"``: index -> reason).
     """
-    if slurm is not None:
-        runs = prepare_runs(structures, out, options)
-        return write_slurm_jobs(structures, runs, options, slurm)
-    compute, basis = dataset_compute(structures, out, options, run=True)
-    return run_batch(structures, out, compute, basis, executor, n_workers, progress)
+    os.makedirs(out, exist_ok=True)
+    with exclusive_lock(out):
+        if slurm is not None:
+            runs = prepare_runs(structures, out, options)
+            return write_slurm_jobs(structures, runs, options, slurm)
+        compute, basis = dataset_compute(structures, out, options, run=True)
+        return run_batch(
+            structures, out, compute, basis, executor, n_workers, progress, locked=True
+        )
 
 
 def parse_dataset(
@@ -306,11 +330,15 @@ def parse_dataset(
     """Write the dataset of ``out`` from finished aims runs, without running aims.
 
     Structures whose runs have not finished are recorded as failed (naming the
-    step and folder); a rerun after more runs finish adds them.
+    step and folder); a rerun after more runs finish adds them. Holds
+    :func:`rhocalc.batch.exclusive_lock` on ``out`` throughout.
     """
     structures, options = read_runs(out)
-    compute, basis = dataset_compute(structures, out, options, run=False)
-    return run_batch(structures, out, compute, basis, executor, n_workers, progress)
+    with exclusive_lock(out):
+        compute, basis = dataset_compute(structures, out, options, run=False)
+        return run_batch(
+            structures, out, compute, basis, executor, n_workers, progress, locked=True
+        )
 
 
 def dataset_compute(
@@ -320,7 +348,8 @@ def dataset_compute(
 
     Prepares ``out/aims-runs`` and finds the product basis of every element
     from finished RI runs, running aims for one structure per element if
-    ``run`` (then aims must be configured).
+    ``run`` (then aims must be configured). Call it holding
+    :func:`rhocalc.batch.exclusive_lock` on ``out``, as :func:`run_dataset` does.
     """
     if run:
         _required_command(options)
@@ -337,8 +366,7 @@ def read_runs(out: str) -> Tuple[List[ase.Atoms], AimsOptions]:
     options_path = os.path.join(out, RUNS_DIR, OPTIONS_FILE)
     if not os.path.isfile(options_path):
         raise DatasetError(f"'{out}' holds no aims runs (no '{options_path}')")
-    with open(options_path) as f:
-        options = AimsOptions.from_dict(json.load(f))
+    options = AimsOptions.from_dict(_read_options(options_path))
     return read_structures(os.path.join(out, layout.STRUCTURES_FILE)), options
 
 
@@ -450,8 +478,7 @@ def prepare_runs(structures: Sequence[ase.Atoms], out: str, options: AimsOptions
     options_path = os.path.join(runs, OPTIONS_FILE)
     recorded = dict(options.to_dict(), command=None)  # the command may change between runs
     if os.path.isfile(options_path):
-        with open(options_path) as f:
-            existing = json.load(f)
+        existing = _read_options(options_path)
         if existing != json.loads(json.dumps(recorded)):
             raise DatasetError(
                 f"'{runs}' holds aims runs with other options ('{options_path}'); "
@@ -472,6 +499,17 @@ def _required_command(options: AimsOptions) -> str:
             "(--command), or write SLURM job scripts instead (--slurm)"
         )
     return command
+
+
+def _read_options(path: str) -> dict:
+    """The options recorded in ``options.json``, checked to make an :class:`AimsOptions`."""
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+        AimsOptions.from_dict(recorded)
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise DatasetError(f"cannot read '{path}': {type(error).__name__}: {error}") from error
+    return recorded
 
 
 def _describe(basis: BasisSet) -> str:

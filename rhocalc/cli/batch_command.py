@@ -31,7 +31,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
         "they are numbered 0, 1, ... in the dataset",
     )
     parser.add_argument(
-        "--workers", type=_positive_int, default=1, metavar="N",
+        "--workers", type=positive_int, default=1, metavar="N",
         help="parallel worker processes; each gets CPUs/N OpenMP threads unless "
         "OMP_NUM_THREADS is set (default: 1, in this process)",
     )
@@ -49,16 +49,17 @@ def run_and_summarise(
     compute: Compute,
     basis: BasisSet,
     settings: Optional[dict] = None,
+    locked: bool = False,
 ) -> int:
     """Run the batch, print a summary (failures on stderr); the exit code.
 
-    ``settings`` define the targets, see :func:`rhocalc.batch.run_batch`."""
+    ``settings`` and ``locked`` are those of :func:`rhocalc.batch.run_batch`."""
     if args.workers > 1:  # the worker processes inherit this environment
         threads = max(1, (os.cpu_count() or 1) // args.workers)
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     report = run_batch(
         structures, args.out, compute, basis, n_workers=args.workers, progress=not args.quiet,
-        settings=settings,
+        settings=settings, locked=locked,
     )
     print(_summary(args.out, len(structures), report))
     failures = read_failures(args.out)
@@ -88,7 +89,8 @@ def _summary(out: str, n_structures: int, report: BatchReport) -> str:
     return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type of a count: an integer >= 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")

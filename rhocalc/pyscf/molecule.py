@@ -25,8 +25,15 @@ def ao_molecule(atoms: ase.Atoms, basis: str, where: str = "structure") -> gto.M
     KeyError
         An element is not in ``basis``; names ``where``, element and basis.
     ValueError
-        Charge and spin are inconsistent with the number of electrons.
+        Charge and spin are inconsistent with the number of electrons, or the
+        structure is periodic (this backend is molecular only).
     """
+    if atoms.pbc.any():
+        raise ValueError(
+            f"{where}: periodic structure (pbc={atoms.pbc.tolist()}); the PySCF backend "
+            "computes isolated molecules only: set atoms.pbc = False, or use the "
+            "FHI-aims backend for periodic systems"
+        )
     molecule = _molecule(atoms)
     molecule.basis = basis
     molecule.charge = int(atoms.info.get("charge", 0))

@@ -8,17 +8,14 @@ import ase
 import numpy as np
 from pyscf import dft, scf
 
+from rhocalc.structures import structure_name
+
 from .molecule import ao_molecule
 from .options import PySCFOptions
 
 
 class SCFNotConverged(RuntimeError):
     """The SCF did not converge within ``PySCFOptions.max_cycle`` cycles."""
-
-
-def structure_label(atoms: ase.Atoms, name: Optional[str] = None) -> str:
-    """``name`` if given, else the chemical formula: how errors name a structure."""
-    return name if name is not None else atoms.get_chemical_formula()
 
 
 def run_scf(
@@ -50,7 +47,7 @@ def run_scf(
     KeyError
         An element is missing from ``options.basis``.
     """
-    where = structure_label(atoms, name)
+    where = structure_name(atoms, name)
     molecule = ao_molecule(atoms, options.basis, where)
     mean_field = _mean_field(molecule, options)
     mean_field.conv_tol = options.conv_tol

@@ -11,6 +11,7 @@ import numpy as np
 from rholearn import layout
 from rholearn.basis import BasisSet
 from rhocalc import realspace
+from rhocalc.structures import structure_name
 from rhocalc.targets import Targets
 
 from . import order
@@ -18,7 +19,7 @@ from .basis import basis_set
 from .fit import fit_density, function_integrals
 from .molecule import aux_molecule
 from .options import PySCFOptions
-from .scf import run_scf, structure_label, total_density_matrix
+from .scf import run_scf, total_density_matrix
 
 UNITS = {
     "positions": "Angstrom",
@@ -80,7 +81,7 @@ def compute_targets(
     SCFNotConverged
         Names the structure and the number of cycles.
     """
-    where = structure_label(atoms, name)
+    where = structure_name(atoms, name)
     basis = basis_set(options.auxbasis, atoms.get_chemical_symbols(), where=where)
 
     start = time.perf_counter()

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Dict, Iterable, List, Optional
 
 import numpy as np
-import metatensor.torch as mts
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatensor.torch.learn.nn import Module
@@ -120,7 +119,3 @@ class Baseline(Module):
                 )
             )
         return TensorMap(tensor.keys, blocks)
-
-    def like(self, tensor: TensorMap) -> TensorMap:
-        """The baseline itself, with the keys and samples of ``tensor`` (zero for l > 0)."""
-        return self.forward(mts.zeros_like(tensor))

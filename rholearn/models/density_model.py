@@ -9,6 +9,7 @@ as plain data in one ``torch.save`` file.
 from __future__ import annotations
 
 import copy
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import ase
@@ -200,6 +201,8 @@ class DensityModel(torch.nn.Module):
     @classmethod
     def load(cls, path: str, device: Optional[torch.device] = None) -> "DensityModel":
         """Read a model written by :meth:`save`; errors name the file."""
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"no such model file: '{path}'")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many types here

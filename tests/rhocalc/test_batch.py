@@ -96,6 +96,10 @@ def test_refuses_other_structures_or_basis(serial_dataset):
     moved[1].positions[0, 0] += 1e-3
     with pytest.raises(DatasetError, match="structure 1"):
         run_batch(moved, out, COMPUTE, BASIS, progress=False)
+    charged = molecules()
+    charged[2].info["charge"] = 1
+    with pytest.raises(DatasetError, match="structure 2"):
+        run_batch(charged, out, COMPUTE, BASIS, progress=False)
     other_basis = basis_set("def2-universal-jkfit", ["H", "C", "N", "O"])
     with pytest.raises(DatasetError, match="another auxiliary basis"):
         run_batch(molecules(), out, COMPUTE, other_basis, progress=False)
@@ -153,6 +157,33 @@ def test_element_missing_from_the_dataset_basis_fails_before_computing(tmp_path)
     failure = read_failures(str(tmp_path))[1]
     assert failure.error == "KeyError"
     assert "structure 1 (HF)" in failure.reason and "['F']" in failure.reason
+
+
+def test_a_failure_left_by_a_killed_run_for_a_completed_structure_is_dropped(tmp_path):
+    out = str(tmp_path)
+    run_batch(molecules()[:1], out, COMPUTE, BASIS, progress=False)
+    # as if killed after writing 0/ but before updating failures.json
+    with open(os.path.join(out, layout.FAILURES_FILE), "w") as f:
+        json.dump({"0": {"structure": "H2O", "error": "X", "reason": "stale"}}, f)
+    report = run_batch(molecules()[:1], out, COMPUTE, BASIS, progress=False)
+    assert (report.skipped, report.failed) == ([0], [])
+    assert read_failures(out) == {}
+
+
+def _unwritable_info(atoms, system):
+    targets = compute_targets(atoms, OPTIONS, system)
+    targets.info["energy"] = object()  # not JSON
+    return targets
+
+
+def test_unwritable_results_are_recorded_failures(tmp_path):
+    report = run_batch(molecules()[:1], str(tmp_path), _unwritable_info, BASIS, progress=False)
+    assert report.failed == [0]
+    failure = read_failures(str(tmp_path))[0]
+    assert failure.error == "TypeError" and "JSON" in failure.reason
+    report = run_batch(molecules()[:1], str(tmp_path), lambda atoms, system: None, BASIS,
+                       progress=False)
+    assert "compute returned NoneType, not Targets" in read_failures(str(tmp_path))[0].reason
 
 
 def test_removes_stale_temporary_folders(tmp_path):

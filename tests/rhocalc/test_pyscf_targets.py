@@ -178,6 +178,21 @@ def test_impossible_spin_names_the_structure():
         compute_targets(water, PySCFOptions(xc="HF"), name="odd-water")
 
 
+def test_periodic_structure_is_refused_naming_it():
+    crystal = ase.build.molecule("H2O", vacuum=3.0)
+    crystal.pbc = True
+    crystal.info["name"] = "water-in-a-box"
+    with pytest.raises(ValueError, match="water-in-a-box: periodic structure"):
+        compute_targets(crystal, PySCFOptions(xc="HF"))
+
+
+def test_structures_are_named_by_their_info_name(water):
+    named = water.copy()
+    named.info["name"] = "water-17"
+    with pytest.raises(SCFNotConverged, match="water-17"):
+        compute_targets(named, PySCFOptions(xc="HF", max_cycle=1))
+
+
 def test_unconverged_scf_names_structure_and_cycles(water):
     with pytest.raises(SCFNotConverged, match=r"my-water.*after 1 cycles"):
         compute_targets(water, PySCFOptions(xc="HF", max_cycle=1), name="my-water")

@@ -226,3 +226,16 @@ def test_checkpoint_writes_are_atomic(tmp_path):
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
     kept = torch.load(path)
     assert kept["epoch"] == 1 and torch.equal(kept["weights"], torch.ones(3))
+
+
+def test_a_diverging_loss_stops_with_a_clear_error(folder, datasets, tmp_path):
+    def nan_loss(prediction, batch):
+        return CoefficientLoss()(prediction, batch) * math.nan
+
+    with pytest.raises(FloatingPointError, match="epoch 1: the validation loss is nan"):
+        train.train(make_model(folder), nan_loss, *datasets, options(epochs=2), str(tmp_path))
+
+
+def test_early_stopping_needs_a_patience_of_at_least_one():
+    with pytest.raises(ValueError, match="early_stopping_patience must be >= 1"):
+        options(early_stopping_patience=0)

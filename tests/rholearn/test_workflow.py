@@ -97,6 +97,32 @@ def test_predicted_density_has_the_right_electron_count(fitted, tmp_path):
     assert density.max() > 1.0  # electrons / Bohr^3 near the oxygen nucleus
 
 
+def test_a_run_folder_is_never_shared_by_two_datasets_or_splits(fitted, dataset, tmp_path):
+    options = workflow.FitOptions(n_train=8, n_val=2, n_test=2, split_seed=1,
+                                  train=TrainOptions(epochs=1, verbose=False))
+    # the same run folder with another split: refused, nothing overwritten
+    with open(os.path.join(fitted.run_dir, workflow.SPLIT_FILE)) as f:
+        before = f.read()
+    with pytest.raises(FileExistsError, match="already holds a training run"):
+        workflow.fit(dataset, fitted.run_dir, options)
+    with pytest.raises(ValueError, match="another options, split"):
+        workflow.fit(dataset, fitted.run_dir, options, resume=True)
+    with open(os.path.join(fitted.run_dir, workflow.SPLIT_FILE)) as f:
+        assert f.read() == before
+
+
+def test_evaluate_rejects_empty_or_unfinished_sets(fitted, dataset):
+    with pytest.raises(ValueError, match="no structures"):
+        workflow.evaluate(fitted.model, dataset, [], progress=False)
+    with pytest.raises(ValueError, match="structure 99 is not completed"):
+        workflow.evaluate(fitted.model, dataset, [99], progress=False)
+
+
+def test_missing_model_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        DensityModel.load(str(tmp_path / "nowhere.pt"))
+
+
 def test_batched_prediction_equals_one_by_one(fitted, tmp_path):
     frames = distorted_waters(3, seed=7)
     folders = workflow.predict(fitted.model, frames, str(tmp_path), batch_size=2, progress=False)

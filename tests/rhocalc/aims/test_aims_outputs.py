@@ -5,6 +5,7 @@ import os
 import metatensor
 import numpy as np
 import pytest
+from pyscf.data.nist import BOHR
 
 import aims_test_files
 from rholearn import layout
@@ -90,25 +91,34 @@ def test_orbital_resolved_files_are_read_with_their_suffix(tmp_path, molecule, m
 
 def test_fit_error_from_grid_files_matches_pyscf(tmp_path, molecule, molecule_basis, molecule_scf,
                                                  molecule_targets, canonical):
-    """aims' grid files written from PySCF densities give PySCF's own L1 fit error."""
+    """aims' grid files (atomic units) written from PySCF densities give PySCF's own L1 fit
+    error, relative to the electron count of aims.out; without it, to the grid integral."""
     directory = write_run(tmp_path, "2024", molecule, molecule_basis, canonical)
-    points, weights = realspace.integration_grid(molecule, level=3)
-    aims_test_files.write_grid_files(directory, points, {
+    points, weights = realspace.integration_grid(molecule, level=3)  # Angstrom, Angstrom^3
+    aims_test_files.write_grid_files(directory, points / BOHR, {
         "rho_scf.out": realspace.scf_density_at_points(molecule_scf, points),
         "rho_rebuilt_ri.out": realspace.density_at_points(canonical[0], molecule, molecule_basis,
                                                           points),
-        "partition_tab.out": weights,
+        "partition_tab.out": weights / BOHR**3,
     })
-    targets, _ = read_ri_run(directory, molecule)
-    info, reference = targets.info, molecule_targets.info
-    # PySCF divides by the nominal electron count, aims' grid files by the integrated one
+    reference = molecule_targets.info
+    info = read_ri_run(directory, molecule)[0].info
+    for name in ("n_electrons_scf_grid", "n_electrons_fitted_grid"):
+        assert info[name] == pytest.approx(reference[name], rel=1e-10)
+    grid_relative = reference["fit_l1_error_percent"] * 10 / reference["n_electrons_scf_grid"]
+    assert info["fit_l1_error_percent"] == pytest.approx(grid_relative, rel=1e-10)
+
+    with open(os.path.join(directory, "aims.out"), "w") as f:
+        f.write(AIMS_OUT)  # a total of 10.000 electrons
+    info = read_ri_run(directory, molecule)[0].info
+    # the grid integral is 1e-7 off 10 electrons: the tolerance tells them apart
     assert info["fit_l1_error_percent"] == pytest.approx(
-        reference["fit_l1_error_percent"] * 10 / reference["n_electrons_scf_grid"], rel=1e-6
+        reference["fit_l1_error_percent"], rel=1e-10
     )
-    ratio = info["n_electrons_fitted_grid"] / info["n_electrons_scf_grid"]
-    assert ratio == pytest.approx(
-        reference["n_electrons_fitted_grid"] / reference["n_electrons_scf_grid"], rel=1e-10
-    )
+    # a fit of weighted orbital densities holds fewer electrons: the grid integral is used
+    open(os.path.join(directory, "ks_orbital_weights.in"), "w").close()
+    info = read_ri_run(directory, molecule)[0].info
+    assert info["fit_l1_error_percent"] == pytest.approx(grid_relative, rel=1e-10)
 
 
 def test_fit_error_on_mismatched_grids_is_an_error(tmp_path, molecule, molecule_basis, canonical):
@@ -222,6 +232,13 @@ def test_basis_definition_for_another_structure_is_named(tmp_path, molecule, mol
     directory = write_run(tmp_path, "2024", molecule, molecule_basis, canonical)
     with pytest.raises(AimsOutputError, match="atoms .* but the structure has 2 atoms"):
         read_ri_run(directory, molecule[:2])
+
+
+def test_empty_file_is_named_empty(tmp_path):
+    path = tmp_path / "rho_scf.out"
+    path.write_text("\n  # no data\n")
+    with pytest.raises(AimsOutputError, match=f"aims output file '{path}' is empty"):
+        outputs.read_table(str(path), 4)
 
 
 def test_fortran_numbers_without_exponent_letter_are_read(tmp_path):

@@ -22,7 +22,7 @@ from rholearn.rotations import random_rotation, rotate_blocks
 from rhocalc.aims import AimsOptions, AimsRunError, SlurmOptions, parse_dataset, run_dataset
 from rhocalc.aims import outputs, rebuild
 from rhocalc.aims.run import pending_step, run_aims, step_dir
-from rhocalc.batch import DatasetError, read_failures
+from rhocalc.batch import DatasetError, exclusive_lock, read_failures
 from rhocalc.cli import main
 from rhocalc.targets import Targets
 
@@ -44,12 +44,14 @@ def structures(water, molecule, water_targets, molecule_targets, water_basis):
     return [water, molecule], [water_targets, molecule_targets], water_basis
 
 
-def finish_step(runs, index, step, atoms=None, targets=None, basis=None):
+def finish_step(runs, index, step, atoms=None, targets=None, basis=None, converged=True):
     """Write what a finished aims step leaves behind (test data, not aims output)."""
     directory = step_dir(runs, index, step)
     with open(os.path.join(directory, "aims.out"), "w") as f:
-        f.write("  FHI-aims version      : 240926\n  Self-consistency cycle converged.\n"
-                "  Have a nice day.\n")
+        f.write("  FHI-aims version      : 240926\n")
+        if converged:
+            f.write("  Self-consistency cycle converged.\n")
+        f.write("  Have a nice day.\n")
     if step == "scf":
         open(os.path.join(directory, "D_spin_01_kpt_000001.csc"), "w").close()
     else:
@@ -152,6 +154,64 @@ def test_runs_refuse_other_options_or_structures(tmp_path, no_aims, structures):
         run_dataset(atoms[::-1], out, OPTIONS, slurm=SlurmOptions())
 
 
+def test_unconverged_scf_is_a_failure_not_targets(tmp_path, no_aims, structures):
+    atoms, targets, basis = structures
+    out = str(tmp_path / "dataset")
+    runs = os.path.join(out, "aims-runs")
+    run_dataset(atoms, out, OPTIONS, slurm=SlurmOptions())
+    finish_step(runs, 0, "scf")
+    finish_step(runs, 1, "scf", converged=False)
+    jobs = run_dataset(atoms, out, OPTIONS, slurm=SlurmOptions())
+    assert "did not converge" in jobs["failed"][1]  # no RI job on an unconverged density
+    assert "aims-runs/1/ri" not in read_script(jobs["scripts"]["ri"])
+
+    for index in (0, 1):  # e.g. an RI job run by hand
+        os.makedirs(step_dir(runs, index, "ri"), exist_ok=True)
+        finish_step(runs, index, "ri", atoms[index], targets[index], basis)
+    report = parse_dataset(out, progress=False)
+    assert (report.done, report.failed) == ([0], [1])
+    failure = read_failures(out)[1]
+    assert failure.error == "AimsRunError"
+    scf_output = os.path.join(step_dir(runs, 1, "scf"), "aims.out")
+    assert f"SCF of structure 1 did not converge: no 'Self-consistency cycle converged.' " \
+        f"in '{scf_output}'" in failure.reason
+    info = Targets.read(layout.structure_dir(out, 0)).info
+    assert info["converged"] is True
+    assert type(info["charge"]) is int and info["charge"] == 0  # as from PySCF
+
+
+def test_concurrent_run_on_the_same_folder_is_refused(tmp_path, no_aims, structures):
+    """The lock covers preparing the runs (and running aims for the basis), not only the
+    batch: a second run is refused before it writes anything."""
+    atoms, _, _ = structures
+    out = str(tmp_path / "dataset")
+    os.makedirs(out)
+    with exclusive_lock(out):
+        with pytest.raises(DatasetError, match="another run is writing"):
+            run_dataset(atoms, out, OPTIONS, slurm=SlurmOptions())
+        with pytest.raises(DatasetError, match="another run is writing"):
+            run_dataset(atoms, out, AimsOptions(species_dir=OPTIONS.species_dir, command="false"))
+        assert os.listdir(out) == [".lock"]
+    run_dataset(atoms, out, OPTIONS, slurm=SlurmOptions())
+    with exclusive_lock(out):
+        with pytest.raises(DatasetError, match="another run is writing"):
+            parse_dataset(out, progress=False)
+
+
+@pytest.mark.parametrize("content", ["{\"xc\": \"pbe\"", "{\"no_such_option\": 1}", "[]"])
+def test_corrupt_options_file_is_named(tmp_path, no_aims, structures, content):
+    atoms, _, _ = structures
+    out = str(tmp_path / "dataset")
+    run_dataset(atoms, out, OPTIONS, slurm=SlurmOptions())
+    path = os.path.join(out, "aims-runs", "options.json")
+    with open(path, "w") as f:
+        f.write(content)
+    with pytest.raises(DatasetError, match=f"cannot read '{path}'"):
+        parse_dataset(out, progress=False)
+    with pytest.raises(DatasetError, match=f"cannot read '{path}'"):
+        run_dataset(atoms, out, OPTIONS, slurm=SlurmOptions())
+
+
 def test_local_run_without_aims_is_a_clear_error(tmp_path, no_aims, structures):
     atoms, _, _ = structures
     with pytest.raises(AimsRunError, match=r"no FHI-aims command: set \$ASE_AIMS_COMMAND"):
@@ -183,6 +243,22 @@ def test_cli(tmp_path, no_aims, structures, capsys):
     assert main(["aims", *common, "--slurm", "--k-grid", "0", "1", "1"]) == 2
     assert main(["aims-parse", str(tmp_path / "nothing"), "--quiet"]) == 2
     assert "holds no aims runs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["aims-parse", out, "--workers", "0"])
+    assert "must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_cli_redirection_in_aims_command_is_an_error(tmp_path, monkeypatch, structures, capsys):
+    atoms, _, _ = structures
+    path = str(tmp_path / "structures.xyz")
+    ase.io.write(path, atoms)
+    common = [path, "--out", str(tmp_path / "dataset"), "--species-dir",
+              aims_test_files.SPECIES_DIR, "--quiet"]
+    monkeypatch.setenv("ASE_AIMS_COMMAND", "aims.x > aims.out")
+    for slurm in ([], ["--slurm"]):
+        assert main(["aims", *common, *slurm]) == 2
+        assert "rhocalc aims: error: $ASE_AIMS_COMMAND = 'aims.x > aims.out': drop the " \
+            "redirection" in capsys.readouterr().err
 
 
 # -------------------------------------------------------- genuine aims files ---
