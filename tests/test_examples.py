@@ -28,3 +28,17 @@ def test_water_example_runs_end_to_end(tmp_path):
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "0 computed, 14 already there" in rerun.stdout
+
+
+def test_tutorial_notebook_runs(tmp_path):
+    """The notebook's code cells, in order, as one script (no Jupyter kernel needed)."""
+    with open(os.path.join(ROOT, "examples", "water", "tutorial.ipynb")) as f:
+        notebook = json.load(f)
+    cells = ["".join(cell["source"]) for cell in notebook["cells"] if cell["cell_type"] == "code"]
+    assert len(cells) >= 5
+    script = tmp_path / "tutorial.py"
+    script.write_text("\n\n".join(cells))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "largest deviation" in result.stdout and "rmse_percent" in result.stdout
