@@ -45,7 +45,7 @@ import tqdm
 from rholearn import layout
 from rholearn.basis import BasisSet
 from rholearn.layout import Failure
-from rholearn.files import atomic_path, write_json
+from rholearn.files import atomic_path, differing_keys, recorded_json
 
 from .structures import structure_name
 from .targets import Targets
@@ -317,11 +317,7 @@ def _prepare(
     if os.path.exists(basis_path):
         _check_same_basis(basis_path, basis)
     if settings is not None:
-        settings = json.loads(json.dumps(settings))  # as it reads back (tuples -> lists)
-        if os.path.exists(settings_path):
-            _check_same_settings(settings_path, settings)
-        else:
-            write_json(settings_path, settings)
+        _check_same_settings(settings_path, settings)
     if not os.path.exists(basis_path):
         basis.save(basis_path)
 
@@ -338,14 +334,13 @@ def write_or_check_structures(out: str, structures: Sequence[ase.Atoms]) -> None
 
 
 def _check_same_settings(path: str, requested: dict) -> None:
+    """Record ``requested`` in ``path``, or check it equals what is recorded there."""
+    requested = json.loads(json.dumps(requested))  # as it reads back (tuples -> lists)
     try:
-        with open(path) as f:
-            existing = json.load(f)
-    except (OSError, ValueError) as error:
-        raise DatasetError(f"cannot read settings file '{path}': {error}") from error
-    differing = sorted(
-        name for name in set(existing) | set(requested) if existing.get(name) != requested.get(name)
-    )
+        existing = recorded_json(path, requested)
+    except ValueError as error:
+        raise DatasetError(str(error)) from error
+    differing = differing_keys(existing, requested)
     if differing:
         details = ", ".join(
             f"{name}: {existing.get(name)!r} there, {requested.get(name)!r} requested"

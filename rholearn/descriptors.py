@@ -33,7 +33,7 @@ from metatensor.torch.learn.nn import Module
 from metatomic.torch import System, systems_to_torch
 
 from . import layout
-from .files import write_json
+from .files import differing_keys, recorded_json
 
 DEFAULT_HYPERS = {
     "cutoff": {"radius": 4.0, "smoothing": {"type": "ShiftedCosine", "width": 0.5}},
@@ -217,13 +217,8 @@ class LambdaSoap:
         """Create ``cache_dir`` for these settings, or check it was made with them."""
         os.makedirs(cache_dir, exist_ok=True)
         path = os.path.join(cache_dir, CACHE_SETTINGS_FILE)
-        settings = json.loads(json.dumps(self.settings()))  # tuples -> lists
-        if not os.path.exists(path):
-            write_json(path, settings)
-            return
-        with open(path) as f:
-            cached = json.load(f)
-        differing = sorted(name for name in settings if cached.get(name) != settings[name])
+        settings = self.settings()
+        differing = differing_keys(recorded_json(path, settings), json.loads(json.dumps(settings)))
         if differing:
             raise ValueError(
                 f"descriptor cache '{cache_dir}' was made with other settings: {differing} "

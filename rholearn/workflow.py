@@ -31,7 +31,7 @@ from .descriptors import select_system
 from .data import (
     StructureDescriptors, TargetFile, check_completed, make_dataset, read_dataset, split_indices,
 )
-from .files import write_json
+from .files import differing_keys, recorded_json, write_json
 from .loss import CoefficientLoss, OverlapLoss, ProjectionLoss
 from .metrics import error_summary, overlap_norms
 from .models import Baseline, DensityModel
@@ -167,29 +167,25 @@ def _claim_run_dir(run_dir: str, dataset: str, options: FitOptions, split, resum
     """Write ``fit.json`` and ``split.json``, or check that a run already in
     ``run_dir`` trained the same model on the same data, so that a resumed run
     (and its cached descriptors) never mixes two datasets, splits or models."""
-    record = json.loads(json.dumps({
+    record = {
         "dataset": os.path.abspath(dataset),
         "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "train"},
         "split": split,
-    }))
+    }
     fit_path = os.path.join(run_dir, FIT_FILE)
     if os.path.exists(os.path.join(run_dir, LAST_CHECKPOINT)) and not resume:
         raise FileExistsError(
             f"'{run_dir}' already holds a training run; pass resume=True (--resume) to "
             "continue it or choose another run folder"
         )
-    if os.path.exists(fit_path):
-        with open(fit_path) as f:
-            existing = json.load(f)
-        differing = sorted(name for name in record if existing.get(name) != record[name])
-        if differing:
-            raise ValueError(
-                f"'{run_dir}' holds a run with another {', '.join(differing)} ('{fit_path}'); "
-                "choose another run folder"
-            )
     os.makedirs(run_dir, exist_ok=True)
+    differing = differing_keys(recorded_json(fit_path, record), json.loads(json.dumps(record)))
+    if differing:
+        raise ValueError(
+            f"'{run_dir}' holds a run with another {', '.join(differing)} ('{fit_path}'); "
+            "choose another run folder"
+        )
     write_json(os.path.join(run_dir, SPLIT_FILE), split)
-    write_json(fit_path, record)
 
 
 def _fill_descriptor_cache(model, frames, indices, cache_dir, batch_size: int = 16) -> None:
