@@ -15,16 +15,10 @@ from rholearn import data, layout
 from rholearn.basis import BasisSet
 from rholearn.descriptors import LambdaSoap
 from rhocalc.batch import run_batch
-from rhocalc.pyscf import PySCFOptions, basis_set, compute_targets
+from rhocalc.pyscf import basis_set, compute_targets
 
-OPTIONS = PySCFOptions(xc="HF", basis="sto-3g", auxbasis="def2-universal-jfit", grid_level=0)
-HYPERS = {
-    "cutoff": {"radius": 3.0, "smoothing": {"type": "ShiftedCosine", "width": 0.5}},
-    "density": {"type": "Gaussian", "width": 0.3},
-    "basis": {
-        "type": "TensorProduct", "max_angular": 2, "radial": {"type": "Gto", "max_radial": 2}
-    },
-}
+from small_setup import HYPERS, OPTIONS
+
 FAILED = 3  # OH radical without unpaired electron: PySCF refuses the spin
 
 

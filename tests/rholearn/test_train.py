@@ -15,16 +15,10 @@ from rholearn import data, train
 from rholearn.loss import CoefficientLoss, OverlapLoss
 from rholearn.models import DensityModel
 from rhocalc.batch import run_batch
-from rhocalc.pyscf import PySCFOptions, basis_set, compute_targets
+from rhocalc.pyscf import basis_set, compute_targets
 
-OPTIONS = PySCFOptions(xc="HF", basis="sto-3g", auxbasis="def2-universal-jfit", grid_level=0)
-HYPERS = {
-    "cutoff": {"radius": 3.0, "smoothing": {"type": "ShiftedCosine", "width": 0.5}},
-    "density": {"type": "Gaussian", "width": 0.3},
-    "basis": {
-        "type": "TensorProduct", "max_angular": 2, "radial": {"type": "Gto", "max_radial": 2}
-    },
-}
+from small_setup import HYPERS, OPTIONS
+
 CHECKPOINT_KEYS = {
     "epoch", "best_loss", "best_epoch", "stale_epochs", "history", "model", "optimizer",
     "scheduler", "random_states", "options",
