@@ -14,13 +14,15 @@ Usage::
     aims.run_dataset(structures, "dataset", options, slurm=aims.SlurmOptions())
     aims.parse_dataset("dataset")                              # after the jobs
     targets, basis = aims.read_ri_run("path/to/ri/run", atoms)  # one finished run
+    # a folder without aims.out: say which aims wrote it (it decides the conventions)
+    targets, basis = aims.read_ri_run("path/to/old/run", atoms, aims_version="221103")
 """
 
 from .aimsout import parse_aims_out
 from .inputs import write_inputs, write_ri_vector
 from .options import AimsOptions
 from .order import AimsOrder, from_aims, to_aims
-from .outputs import AimsOutputError, detect_generation, read_basis, read_ri_run
+from .outputs import AimsOutputError, read_basis, read_ri_run
 from .run import (
     AimsRunError,
     SlurmOptions,
@@ -29,15 +31,16 @@ from .run import (
     rebuild,
     run_dataset,
 )
+from .runfiles import RunFiles, run_files
 
 __all__ = [
     "AimsOptions",
     "AimsOrder",
     "AimsOutputError",
     "AimsRunError",
+    "RunFiles",
     "SlurmOptions",
     "compute_targets",
-    "detect_generation",
     "from_aims",
     "parse_aims_out",
     "parse_dataset",
@@ -45,6 +48,7 @@ __all__ = [
     "read_ri_run",
     "rebuild",
     "run_dataset",
+    "run_files",
     "to_aims",
     "write_inputs",
     "write_ri_vector",

@@ -88,12 +88,15 @@ def parse_aims_out(path: str) -> Dict[str, Any]:
     ``prodbas_acc`` (element -> accuracy), ``prodbas_radii`` (element -> list
     of ``{"l", "charge_radius", "field_radius", "multipole_moment"}``, radii in
     Angstrom, from the "Product basis:" table; they bound the overlap of two
-    atoms' functions). Always: ``finished`` and ``scf_converged`` (bool).
+    atoms' functions), ``lattice_vectors`` (3 x 3, Angstrom, rows; periodic
+    runs only). Always: ``finished`` and ``scf_converged`` (bool).
 
     Raises
     ------
     FileNotFoundError
         Naming ``path`` if it does not exist.
+    ValueError
+        Naming ``path`` and the line, if the unit cell is not three vectors.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no aims output '{path}'")
@@ -120,7 +123,29 @@ def parse_aims_out(path: str) -> Dict[str, Any]:
     radii = _prodbas_radii(lines)
     if radii:
         summary["prodbas_radii"] = radii
+    lattice = _unit_cell(lines, path)
+    if lattice is not None:
+        summary["lattice_vectors"] = lattice
     return summary
+
+
+def _unit_cell(lines: List[str], path: str):
+    """The three lattice vectors (Angstrom) after the last ``| Unit cell:`` line, or ``None``
+    (aims prints ``| No unit cell requested.`` for molecules)."""
+    starts = [i for i, line in enumerate(lines) if line.strip() == "| Unit cell:"]
+    if not starts:
+        return None
+    rows = lines[starts[-1] + 1:starts[-1] + 4]
+    try:
+        vectors = [[_float(x) for x in row.split()[-3:]] for row in rows]
+    except ValueError:
+        vectors = []
+    if len(vectors) != 3 or any(len(v) != 3 for v in vectors):
+        raise ValueError(
+            f"'{path}', line {starts[-1] + 2}: expected three lattice vectors after "
+            f"'| Unit cell:', got {[row.strip() for row in rows]}"
+        )
+    return vectors
 
 
 def _prodbas_radii(lines: List[str]) -> Dict[str, List[Dict[str, float]]]:

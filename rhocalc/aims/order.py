@@ -4,35 +4,51 @@ The canonical order of :mod:`rholearn.basis` is atom, ``l`` ascending, radial
 index ``n``, then ``m = -l..l``, with featomic's real spherical harmonics (no
 Condon-Shortley phase: ``Y_{1,-1} ~ y``, ``Y_{1,0} ~ z``, ``Y_{1,1} ~ x``).
 
-FHI-aims has written its RI files (coefficients, projections, overlap) in two
-ways, see :mod:`rhocalc.aims.outputs`:
+Whether aims' RI files (coefficients, projections, overlap) need converting
+is decided by the aims version printed in ``aims.out``, never by file names
+(see :mod:`rhocalc.aims.runfiles`):
 
-aims 221103 (2022 file names, ``ri_coeffs.out`` ...)
+aims older than 240403 (221103, and the 2023 development builds)
     The files follow aims' *internal* product-basis order, and its real
     harmonics carry an extra factor ``-1`` for odd ``m > 0`` (the
-    Condon-Shortley phase is kept there). ``product_basis_idxs.out`` labels
-    each function with its file position, atom, ``l``, radial index and ``m``.
+    Condon-Shortley phase is kept there). aims writes the order next to them,
+    in one of two forms:
+
+    - ``idx_prodbas_details.out`` (221103) or ``product_basis_idxs.out``
+      (2023 development builds): one row per function, in canonical order,
+      with five integers: its 1-based position in the RI files, atom, ``l``,
+      radial index counted over all ``l`` of the atom, ``m``
+      (:func:`aims_order`);
+    - ``idx_prodbas.out``: the 1-based file position of each function, rows
+      in canonical order, with ``prodbas_condon_shotley_list.out``: the file
+      positions whose sign differs (:func:`indexed_order`).
+
     Converting to canonical values: multiply the functions with odd ``m > 0``
     by ``-1``, then move each to its canonical position.
-    Sources: lab-cosmo/rholearn ``rholearn/aims_parser.py``
-    (``process_aux_basis_func_data``, written against aims 221103, citing
-    ``src/cartesian_ylm.f90``; 2023) and andreagrisafi/SALTED
-    ``salted/aims/move_data.py`` (same permutation and sign, from aims' own
-    ``idx_prodbas.out`` / ``prodbas_condon_shotley_list.out``).
+    Sources: andreagrisafi/SALTED ``salted/aims/move_data.py`` (reads
+    ``idx_prodbas.out`` and ``prodbas_condon_shotley_list.out``, flips the
+    listed functions, then reorders); jwa7/rho_learn ``rholearn/aims_parser.py``
+    (written against aims 221103 with ``idx_prodbas_details.out`` and the
+    same list, citing aims' ``src/cartesian_ylm.f90`` for the sign; after its
+    August 2023 update, the same conversion from ``product_basis_idxs.out``
+    of a development build writing ``ri_coeffs.out``, ``ri_projs.out``).
 
-aims >= 240403 (2024 file names, ``ri_restart_coeffs.out`` ...)
+aims 240403 and later
     aims reorders and re-signs the functions itself when writing and reading
-    these files, so they are already in canonical order and sign: the
-    conversion is the identity (:meth:`AimsOrder.identity`).
+    these files, so they are already in canonical order and sign, whatever
+    their names: the conversion is the identity (:meth:`AimsOrder.identity`),
+    and an order file still present is not applied (that would convert twice).
     Sources: SALTED ``salted/aims/move_data.py`` (``get_reorder_bool``: no
-    reordering or sign change from version 240403 on) and lab-cosmo/rholearn
-    ``rholearn/aims_interface/parser.py`` (``process_ri_outputs`` reads
-    ``ri_restart_coeffs.out`` straight into the block layout).
+    reordering or sign change when ``aims.out`` reports a version >= 240403)
+    and lab-cosmo/rholearn ``rholearn/aims_interface/parser.py``
+    (``process_ri_outputs`` reads ``ri_restart_coeffs.out`` straight into its
+    block layout). Checked on genuine aims 240925 output
+    (``../shared/aims/methane-240925``, ``tests/rhocalc/aims/test_aims_genuine.py``):
+    the overlap of an H ``s`` function with the C ``(l, m)`` functions is
+    proportional to the real harmonics of the C-H direction in this convention.
 
 Both are applied by :func:`from_aims` and inverted exactly by :func:`to_aims`
-(used to write a predicted vector back for an aims rebuild). Without an aims
-binary only the bookkeeping can be tested here; the rotation test in
-``tests/rhocalc/aims/test_aims_run.py`` checks the physics when aims runs.
+(used to write a predicted vector back for an aims rebuild).
 """
 
 from __future__ import annotations
@@ -43,6 +59,15 @@ from typing import Sequence
 import numpy as np
 
 from rholearn.basis import BasisSet
+
+CANONICAL_FROM_VERSION = 240403
+"""The first aims version writing RI files in canonical order and sign (SALTED's
+``get_reorder_bool``); older files are converted from aims' internal order."""
+
+
+def converts(version: int) -> bool:
+    """Whether the RI files of aims ``version`` (e.g. ``221103``) need converting."""
+    return version < CANONICAL_FROM_VERSION
 
 
 def condon_shortley_sign(m: int) -> float:
@@ -67,7 +92,7 @@ class AimsOrder:
 
     @classmethod
     def identity(cls, n_functions: int) -> "AimsOrder":
-        """Files already in canonical order and sign (aims >= 240403)."""
+        """Files already in canonical order and sign (aims 240403 and later)."""
         return cls(np.arange(n_functions), np.ones(n_functions))
 
     @property
@@ -81,7 +106,7 @@ def aims_order(
     basis: BasisSet,
     symbols: Sequence[str],
 ) -> AimsOrder:
-    """The order of aims' internal product basis from per-function labels (aims 221103).
+    """The order of aims' internal product basis from per-function labels (aims < 240403).
 
     Parameters
     ----------
@@ -125,6 +150,70 @@ def aims_order(
         canonical_index[position] = canonical[label]
         sign[position] = condon_shortley_sign(label[3])
     return AimsOrder(canonical_index, sign)
+
+
+def indexed_order(
+    file_positions: Sequence[int],
+    flipped: Sequence[int],
+    basis: BasisSet,
+    symbols: Sequence[str],
+) -> AimsOrder:
+    """The order of aims' internal product basis from ``idx_prodbas.out`` and
+    ``prodbas_condon_shotley_list.out`` (aims < 240403).
+
+    Parameters
+    ----------
+    file_positions : sequence of int, shape (N,)
+        0-based position in the aims files of each function, in canonical order.
+    flipped : sequence of int
+        0-based file positions of the functions whose sign differs.
+    basis : BasisSet
+    symbols : sequence of str
+        Element symbols of the structure's atoms.
+
+    Raises
+    ------
+    ValueError
+        If the positions are not a permutation of ``0..N-1``, or the flipped
+        functions are not exactly those of odd ``m > 0`` (the Condon-Shortley
+        sign the conversion assumes); names the first offender.
+    """
+    functions = basis.functions(symbols)
+    file_positions = np.asarray(file_positions, dtype=np.int64)
+    n = len(functions)
+    if len(file_positions) != n:
+        raise ValueError(
+            f"{len(file_positions)} file positions, but basis '{basis.name}' has {n} "
+            "functions on this structure"
+        )
+    wrong = np.flatnonzero(np.sort(file_positions) != np.arange(n))
+    if len(wrong):
+        raise ValueError(f"file positions are not a permutation of 1..{n} (1-based): "
+                         f"position {wrong[0] + 1} is missing or repeated")
+    labels = [functions[k] for k in np.argsort(file_positions)]
+    order = aims_order(np.arange(n), labels, basis, symbols)
+    check_flipped(order, flipped)
+    return order
+
+
+def check_flipped(order: AimsOrder, flipped: Sequence[int]) -> None:
+    """Check aims' list of sign changes (``prodbas_condon_shotley_list.out``, 0-based file
+    positions) against ``order``: exactly the functions with odd ``m > 0``.
+
+    Raises
+    ------
+    ValueError
+        Naming the first (1-based) file position listed or omitted wrongly.
+    """
+    expected = set(np.flatnonzero(order.sign < 0).tolist())
+    flipped = set(int(p) for p in flipped)
+    if flipped != expected:
+        position = min(flipped ^ expected)
+        raise ValueError(
+            f"file position {position + 1} (1-based) is "
+            f"{'listed' if position in flipped else 'not listed'} for a sign change, but "
+            "aims changes the sign of exactly the functions with odd m > 0"
+        )
 
 
 def from_aims(values: np.ndarray, order: AimsOrder) -> np.ndarray:

@@ -1,35 +1,21 @@
-"""Read the files of an FHI-aims RI-fitting run into rholearn targets.
+"""Read the files of a finished FHI-aims RI-fitting run into rholearn targets.
 
-FHI-aims has written two generations of file names; the generation is
-detected from the basis-definition file present in the run folder:
+Which files hold what, and whether their order and signs need converting, is
+decided from the aims version in ``aims.out`` (:mod:`rhocalc.aims.runfiles`;
+the conversion itself is :mod:`rhocalc.aims.order`). Vectors and the overlap
+hold one value per line; the grid files four columns ``x y z value`` (the
+weights file ``x y z weight``), matched point by point by their coordinates.
 
-=====================  ===============================  ==============================
-                       2024 (aims >= 240926)            2022 (aims 221103)
-=====================  ===============================  ==============================
-coefficients           ``ri_restart_coeffs.out``        ``ri_coeffs.out``
-projections            ``ri_projections.out``           ``ri_projs.out``
-overlap                ``ri_ovlp.out``: N(N+1)/2        ``ri_ovlp.out``: N*N
-                       values (upper triangle, row by
-                       row, with ``ri_ovlp_write_triu``)
-                       or N*N
-basis definition       ``basis_info.out``               ``product_basis_definition.out``
-function labels        (none: canonical order)          ``product_basis_idxs.out``
-density on the grid    ``rho_scf.out``,                 ``rho_ref.out``, ``rho_ri.out``
-                       ``rho_rebuilt_ri.out``
-integration weights    ``partition_tab.out``            ``partition_tab.out``
-=====================  ===============================  ==============================
-
-Vectors and the overlap hold one value per line; the grid files four columns
-``x y z value`` (the weights file ``x y z weight``). Fits of single Kohn-Sham
-orbitals write the orbital-resolved files with a suffix, ``ri_coeffs_0001.out``
-(``orbital=1``). Order and signs are converted in :mod:`rhocalc.aims.order`.
+Spin-polarised runs are refused (one density per structure is stored), and so
+is a periodic run whose overlap does not reproduce its projections (``S c = w``
+holds for aims' overlap-metric fit only with the lattice-summed overlap, the
+one the shared layout stores for the atoms of the cell).
 
 Every error names the file at fault, and the line where there is one.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import glob
 import os
 import re
@@ -37,72 +23,24 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import ase
 import numpy as np
+from scipy.spatial import cKDTree
 
 from rholearn import layout
 from rholearn.basis import BasisSet, Shell
 from rhocalc.targets import Targets
 
-from . import aimsout
 from .inputs import ORBITAL_WEIGHTS
-from .order import AimsOrder, aims_order, from_aims
+from .order import AimsOrder, aims_order, check_flipped, from_aims, indexed_order
+from .runfiles import BASIS, FLIPPED, INDEX, AimsOutputError, RunFiles, run_files
 
 BASIS_NAME = "aims-prodbas"
 """Name of the product basis; the settings of ``control.in`` are appended."""
 
+GRID_TOLERANCE = 1e-6
+"""Bohr: grid points of two grid files closer than this are the same point."""
 
-class AimsOutputError(ValueError):
-    """An aims output file is missing, truncated, or inconsistent; the message names it."""
-
-
-@dataclasses.dataclass(frozen=True)
-class FileGeneration:
-    """The file names of one generation of aims' RI output."""
-
-    name: str
-    aims_versions: str
-    coefficients: str
-    projections: str
-    basis: str
-    labels: Optional[str]
-    rho_scf: str
-    rho_ri: str
-    overlap: str = "ri_ovlp.out"
-    partition: str = "partition_tab.out"
-
-
-AIMS_2024 = FileGeneration(
-    name="2024", aims_versions=">= 240926", coefficients="ri_restart_coeffs.out",
-    projections="ri_projections.out", basis="basis_info.out", labels=None,
-    rho_scf="rho_scf.out", rho_ri="rho_rebuilt_ri.out",
-)
-AIMS_2022 = FileGeneration(
-    name="2022", aims_versions="221103", coefficients="ri_coeffs.out",
-    projections="ri_projs.out", basis="product_basis_definition.out",
-    labels="product_basis_idxs.out", rho_scf="rho_ref.out", rho_ri="rho_ri.out",
-)
-GENERATIONS = (AIMS_2024, AIMS_2022)
-
-
-def detect_generation(directory: str) -> FileGeneration:
-    """The file generation of a finished RI run, from its basis-definition file."""
-    found = [g for g in GENERATIONS if os.path.isfile(os.path.join(directory, g.basis))]
-    if len(found) != 1:
-        expected = " or ".join(f"'{g.basis}' (aims {g.aims_versions})" for g in GENERATIONS)
-        state = "both" if found else "neither"
-        raise AimsOutputError(
-            f"'{directory}': cannot tell the aims output generation: {state} of {expected} "
-            "found; is this a finished RI-fitting run with ri_full_output?"
-        )
-    return found[0]
-
-
-def orbital_file(name: str, orbital: Optional[int]) -> str:
-    """File name of an orbital-resolved output: ``ri_coeffs.out`` -> ``ri_coeffs_0001.out``."""
-    if orbital is None:
-        return name
-    stem, extension = os.path.splitext(name)
-    return f"{stem}_{orbital:04d}{extension}"
-
+PERIODIC_FIT_TOLERANCE = 1e-6
+"""Largest ``max|S c - w| / max|w|`` accepted for a periodic run (see the module docstring)."""
 
 # ------------------------------------------------------------ plain files ---
 def read_table(path: str, n_columns: int) -> np.ndarray:
@@ -259,18 +197,13 @@ def read_basis_definition(path: str, symbols: Sequence[str], name: str = BASIS_N
 
 
 def read_function_labels(path: str, basis: BasisSet, symbols: Sequence[str]) -> AimsOrder:
-    """aims' internal order from ``product_basis_idxs.out`` (2022 files).
+    """aims' internal order from ``idx_prodbas_details.out`` or ``product_basis_idxs.out``.
 
     Five integer columns per function, 1-based where they are indices: file
     position, atom, ``l``, radial index counted over all ``l`` of the atom
-    (``l = 0`` first), ``m``.
+    (``l = 0`` first), ``m``. Written by aims before 240403 only.
     """
-    table = read_table(path, 5)
-    if not np.array_equal(table, np.round(table)):
-        row = int(np.flatnonzero((table != np.round(table)).any(axis=1))[0])
-        line, text = _data_line(path, row)
-        raise AimsOutputError(f"'{path}', line {line}: non-integer label in '{text}'")
-    table = table.astype(np.int64)
+    table = read_integers(path, 5)
     functions = []
     for row, (_, atom, l, radial, m) in enumerate(table):
         try:
@@ -293,18 +226,97 @@ def read_function_labels(path: str, basis: BasisSet, symbols: Sequence[str]) -> 
         raise AimsOutputError(f"'{path}': {error}") from error
 
 
+def read_integers(path: str, n_columns: int) -> np.ndarray:
+    """A file of integers, ``n_columns`` per line; shape (n_lines, n_columns)."""
+    table = read_table(path, n_columns)
+    if not np.array_equal(table, np.round(table)):
+        row = int(np.flatnonzero((table != np.round(table)).any(axis=1))[0])
+        line, text = _data_line(path, row)
+        raise AimsOutputError(f"'{path}', line {line}: non-integer value in '{text}'")
+    return table.astype(np.int64)
+
+
+def read_index_order(
+    index_path: str, flipped_path: str, basis: BasisSet, symbols: Sequence[str]
+) -> AimsOrder:
+    """aims' internal order from ``idx_prodbas.out`` and ``prodbas_condon_shotley_list.out``.
+
+    ``idx_prodbas.out`` holds, for each function in canonical order, its
+    1-based position in the RI files; the second file the 1-based positions
+    whose sign differs (possibly none). Written by aims before 240403 only.
+    """
+    positions = read_integers(index_path, 1)[:, 0] - 1
+    flipped = _read_optional_integers(flipped_path) - 1
+    try:
+        return indexed_order(positions, flipped, basis, symbols)
+    except ValueError as error:
+        raise AimsOutputError(f"'{index_path}' with '{flipped_path}': {error}") from error
+
+
+def read_order(files: RunFiles, basis: BasisSet, symbols: Sequence[str]) -> AimsOrder:
+    """How the RI files of a run map to canonical ones: the identity from aims 240403 on,
+    else the order aims wrote (:func:`rhocalc.aims.runfiles.order_files`)."""
+    if not files.order:
+        return AimsOrder.identity(basis.n_functions(symbols))
+    if files.order[0] == INDEX:
+        return read_index_order(*(files.path(n) for n in files.order), basis, symbols)
+    order = read_function_labels(files.path(files.order[0]), basis, symbols)
+    if FLIPPED in files.order:  # aims' own list of sign changes must agree with the labels
+        try:
+            check_flipped(order, _read_optional_integers(files.path(FLIPPED)) - 1)
+        except ValueError as error:
+            raise AimsOutputError(
+                f"'{files.path(FLIPPED)}' against '{files.path(files.order[0])}': {error}"
+            ) from error
+    return order
+
+
 def read_grid_field(path: str) -> Tuple[np.ndarray, np.ndarray]:
-    """Points (shape (P, 3)) and values (shape (P,)) of an ``x y z value`` grid file."""
+    """Points (shape (P, 3), Bohr) and values (shape (P,)) of an ``x y z value`` grid file."""
     table = read_table(path, 4)
     return table[:, :3], table[:, 3]
 
 
-def fit_error(
-    directory: str,
-    generation: FileGeneration,
-    orbital: Optional[int] = None,
-    n_electrons: Optional[float] = None,
-) -> Dict:
+def matched_grid_values(paths: Sequence[str]) -> List[np.ndarray]:
+    """The values of several grid files on the points of the first, matched by coordinates.
+
+    aims need not write the points of its grid files in the same order; each
+    point of a file is matched to the point of the first file within
+    :data:`GRID_TOLERANCE` (as SALTED and lab-cosmo/rholearn sort the points
+    by their coordinates instead of trusting the order).
+
+    Returns
+    -------
+    list of numpy.ndarray, each of shape (P,)
+        The values of each file, in the point order of ``paths[0]``.
+
+    Raises
+    ------
+    AimsOutputError
+        Naming the file whose points are not those of the first file.
+    """
+    points, values = read_grid_field(paths[0])
+    if len(np.unique(points, axis=0)) != len(points):
+        raise AimsOutputError(f"'{paths[0]}' lists a grid point twice")
+    tree = cKDTree(points)
+    matched = [values]
+    for path in paths[1:]:
+        other, other_values = read_grid_field(path)
+        distance, index = tree.query(other, distance_upper_bound=GRID_TOLERANCE)
+        unmatched = np.flatnonzero(~np.isfinite(distance))
+        if len(other) != len(points) or len(unmatched) or len(np.unique(index)) != len(points):
+            detail = (f"its point {other[unmatched[0]].tolist()} (Bohr) is not on it"
+                      if len(unmatched) else f"{len(other)} and {len(points)} points")
+            raise AimsOutputError(
+                f"'{path}' is on other grid points than '{paths[0]}' ({detail})"
+            )
+        result = np.empty_like(values)
+        result[index] = other_values
+        matched.append(result)
+    return matched
+
+
+def fit_error(files: RunFiles, n_electrons: Optional[float] = None) -> Dict:
     """Real-space error of the RI fit on aims' integration grid.
 
     ``100 * sum_p w_p |rho_RI(p) - rho_SCF(p)| / N``: the absolute error
@@ -312,8 +324,8 @@ def fit_error(
 
     Parameters
     ----------
-    directory, generation, orbital
-        As in :func:`read_ri_run`.
+    files : RunFiles
+        The run's files (:func:`rhocalc.aims.runfiles.run_files`), naming its grid files.
     n_electrons : float, optional
         The exact electron count ``N`` of the fitted density (as the PySCF
         backend uses). Default: the grid integral ``sum_p w_p rho_SCF(p)``,
@@ -326,18 +338,10 @@ def fit_error(
         ``n_electrons_fitted_grid`` (both densities integrated on the grid), or
         an empty dict when aims did not write the grid files.
     """
-    names = [orbital_file(generation.rho_scf, orbital), orbital_file(generation.rho_ri, orbital),
-             generation.partition]
-    paths = [os.path.join(directory, name) for name in names]
-    if not all(os.path.isfile(path) for path in paths):
+    names = (files.rho_scf, files.rho_ri, files.partition)
+    if None in names or not os.path.isfile(files.path(files.partition)):
         return {}
-    (points, scf), (points_ri, ri), (points_w, weights) = (read_grid_field(p) for p in paths)
-    for other, path in ((points_ri, paths[1]), (points_w, paths[2])):
-        if other.shape != points.shape or not np.allclose(other, points, rtol=0, atol=1e-8):
-            raise AimsOutputError(
-                f"'{path}' is on other grid points than '{paths[0]}' "
-                f"({len(other)} and {len(points)} points)"
-            )
+    scf, ri, weights = matched_grid_values([files.path(n) for n in names])
     n_electrons_grid = float(weights @ scf)
     if n_electrons is None:
         n_electrons = n_electrons_grid
@@ -350,12 +354,25 @@ def fit_error(
 
 # ---------------------------------------------------------- a whole run ---
 def read_basis(directory: str, atoms: ase.Atoms) -> BasisSet:
-    """The product basis of a finished RI run, named after its ``control.in`` settings."""
-    generation = detect_generation(directory)
-    return read_basis_definition(
-        os.path.join(directory, generation.basis), atoms.get_chemical_symbols(),
-        name=basis_name(os.path.join(directory, "control.in")),
-    )
+    """The product basis of a finished RI run, named after its ``control.in`` settings.
+
+    Read from ``basis_info.out`` or ``product_basis_definition.out`` (the same
+    format, and no convention depends on the aims version); where both are
+    present they must agree.
+    """
+    symbols = atoms.get_chemical_symbols()
+    name = basis_name(os.path.join(directory, "control.in"))
+    paths = [os.path.join(directory, n) for n in BASIS]
+    present = [p for p in paths if os.path.isfile(p)]
+    if not present:
+        raise AimsOutputError(
+            f"missing aims output file: '{directory}' holds neither of "
+            f"{' or '.join(repr(n) for n in BASIS)}; is this a finished RI run?"
+        )
+    bases = [read_basis_definition(p, symbols, name=name) for p in present]
+    if any(b.to_dict() != bases[0].to_dict() for b in bases[1:]):
+        raise AimsOutputError(f"'{present[0]}' and '{present[1]}' define different bases")
+    return bases[0]
 
 
 def basis_name(control_path: str) -> str:
@@ -376,6 +393,7 @@ def read_ri_run(
     system: int = 0,
     orbital: Optional[int] = None,
     overlap_threshold: float = layout.OVERLAP_THRESHOLD,
+    aims_version: Optional[str] = None,
 ) -> Tuple[Targets, BasisSet]:
     """Targets of one structure from a finished aims RI-fitting run.
 
@@ -392,51 +410,58 @@ def read_ri_run(
         instead of the total-density files.
     overlap_threshold : float
         Atom pairs whose overlap block has no element above this are dropped.
+    aims_version : str, optional
+        The aims version (``"221103"``) of a folder without ``aims.out``; it
+        decides the conventions (:mod:`rhocalc.aims.order`). Without it and
+        without ``aims.out`` the folder is refused.
 
     Returns
     -------
     (Targets, BasisSet)
         Coefficients, projections and overlap in the shared layout, with
         ``info`` holding the ``aims.out`` summary (``ri_fit``, see
-        :func:`rhocalc.aims.aimsout.parse_aims_out`), the file generation
-        (``aims_files``), the real-space fit error (see :func:`fit_error`) and
-        the cube files aims wrote; and the product basis. The fit error is
-        relative to the electron count in ``aims.out`` when the total density
-        is fitted, else to the grid integral of the fitted field.
+        :func:`rhocalc.aims.aimsout.parse_aims_out`), the aims version
+        (``aims_version``), the files the order was read from (``aims_order``,
+        empty from aims 240403 on), the real-space fit error (see
+        :func:`fit_error`) and the cube files aims wrote; and the product basis.
+        The fit error is relative to the electron count in ``aims.out`` when
+        the total density is fitted, else to the grid integral of the fitted field.
+
+    Raises
+    ------
+    AimsOutputError
+        Naming the file at fault: unknown version, missing or inconsistent
+        files, a spin-polarised run, a lattice other than ``atoms``', or a
+        periodic overlap that does not reproduce the projections.
     """
-    generation = detect_generation(directory)
+    files = run_files(directory, orbital, aims_version)
+    check_representable(files, atoms)
     symbols = atoms.get_chemical_symbols()
     basis = read_basis(directory, atoms)
     n = basis.n_functions(symbols)
-    if generation.labels is None:
-        order = AimsOrder.identity(n)
-    else:
-        order = read_function_labels(os.path.join(directory, generation.labels), basis, symbols)
-
-    def path(name):
-        return os.path.join(directory, name)
-
-    coefficients = from_aims(read_vector(path(orbital_file(generation.coefficients, orbital)), n),
-                             order)
-    projections = from_aims(read_vector(path(orbital_file(generation.projections, orbital)), n),
-                            order)
-    overlap = from_aims(read_overlap(path(generation.overlap), n), order)
-    ri_fit = aimsout.parse_aims_out(path("aims.out")) if os.path.isfile(path("aims.out")) else {}
-    total_density = orbital is None and not os.path.isfile(path(ORBITAL_WEIGHTS))
-    numbers = atoms.numbers
+    order = read_order(files, basis, symbols)
+    coefficients = from_aims(_read_vector_files(files, files.coefficients, n), order)
+    projections = from_aims(_read_vector_files(files, files.projections, n), order)
+    overlap = from_aims(read_overlap(files.path(files.overlap), n), order)
+    if files.summary.get("lattice_vectors") is not None or atoms.pbc.any():
+        check_lattice_summed(files, overlap, coefficients, projections)
+    ri_fit = files.summary
+    total_density = orbital is None and not os.path.isfile(files.path(ORBITAL_WEIGHTS))
     info = {
         "backend": "aims",
-        "aims_files": generation.name,
+        "aims_version": files.version,
+        "aims_version_from": files.version_from,
+        "aims_order": list(files.order),
         "ri_run_dir": os.path.abspath(directory),
         "n_aux_functions": n,
-        **fit_error(directory, generation, orbital,
-                    n_electrons=ri_fit.get("n_electrons") if total_density else None),
-        "cube_files": sorted(os.path.basename(p) for p in glob.glob(path("*.cube"))),
+        **fit_error(files, n_electrons=ri_fit.get("n_electrons") if total_density else None),
+        "cube_files": sorted(os.path.basename(p) for p in glob.glob(files.path("*.cube"))),
     }
     if ri_fit:
         info["ri_fit"] = ri_fit
     if orbital is not None:
         info["orbital"] = orbital
+    numbers = atoms.numbers
     targets = Targets(
         coefficients=layout.vector_to_tensormap(coefficients, numbers, basis, system),
         projections=layout.vector_to_tensormap(projections, numbers, basis, system),
@@ -447,7 +472,85 @@ def read_ri_run(
     return targets, basis
 
 
+def check_representable(files: RunFiles, atoms: ase.Atoms) -> None:
+    """Refuse runs the shared layout cannot hold: spin-polarised runs (one density
+    per structure), and runs on another lattice or periodicity than ``atoms``.
+
+    Raises
+    ------
+    AimsOutputError
+        Naming ``aims.out`` and what it reports.
+    """
+    aims_out = files.path("aims.out")
+    n_spin = files.summary.get("n_spin_channels", 1)
+    if n_spin != 1:
+        raise AimsOutputError(
+            f"'{aims_out}' reports {n_spin} spin channels: spin-polarised RI files are not "
+            "read (the targets hold one density per structure); run aims with spin none"
+        )
+    lattice = files.summary.get("lattice_vectors")
+    if lattice is None:
+        if files.summary and atoms.pbc.any():
+            raise AimsOutputError(
+                f"'{aims_out}' is a run without a unit cell, but the structure is periodic "
+                f"(pbc={atoms.pbc.tolist()}): is it the structure of this run?"
+            )
+        return
+    cell = np.asarray(atoms.cell[:])
+    if not atoms.pbc.all() or not np.allclose(cell, lattice, rtol=0, atol=1e-5):
+        raise AimsOutputError(
+            f"'{aims_out}' is a periodic run with lattice vectors {lattice} (Angstrom), but "
+            f"the structure has pbc={atoms.pbc.tolist()} and cell {cell.tolist()}"
+        )
+
+
+def check_lattice_summed(
+    files: RunFiles, overlap: np.ndarray, coefficients: np.ndarray, projections: np.ndarray
+) -> None:
+    """Refuse a periodic run whose overlap does not reproduce its projections.
+
+    aims fits in the overlap metric, so ``S c = w`` holds when ``S`` is the
+    overlap summed over lattice translations of the second function, the
+    matrix the shared layout stores for the cell's atoms; the overlap of the
+    functions of one cell only, or a fit in another metric, does not, and
+    cannot be represented or checked.
+
+    Raises
+    ------
+    AimsOutputError
+        Naming the overlap file and the relative residual.
+    """
+    scale = max(np.abs(projections).max(), np.finfo(float).tiny)
+    residual = float(np.abs(overlap @ coefficients - projections).max() / scale)
+    if residual > PERIODIC_FIT_TOLERANCE:
+        raise AimsOutputError(
+            f"'{files.path(files.overlap)}' of a periodic run does not reproduce the "
+            f"projections (max|S c - w| / max|w| = {residual:.2e} > "
+            f"{PERIODIC_FIT_TOLERANCE:.0e}): it is not the lattice-summed overlap of an "
+            "overlap-metric fit, which is what the targets store for periodic structures"
+        )
+
+
 # ------------------------------------------------------------- helpers ---
+def _read_vector_files(files: RunFiles, names: Sequence[str], n_functions: int) -> np.ndarray:
+    """The vector in ``names`` (one file, or several names that must hold the same values)."""
+    vectors = [read_vector(files.path(name), n_functions) for name in names]
+    for name, vector in zip(names[1:], vectors[1:]):
+        if not np.allclose(vector, vectors[0], rtol=1e-12, atol=0):
+            raise AimsOutputError(
+                f"'{files.directory}' holds both '{names[0]}' and '{name}' with different "
+                "values: which one the fit wrote is ambiguous; remove the other"
+            )
+    return vectors[0]
+
+
+def _read_optional_integers(path: str) -> np.ndarray:
+    """The integers of a one-column file that may hold none (shape (n,))."""
+    if next(_data_lines(_existing(path)), None) is None:
+        return np.zeros(0, dtype=np.int64)
+    return read_integers(path, 1)[:, 0]
+
+
 def _existing(path: str) -> str:
     if not os.path.isfile(path):
         raise AimsOutputError(f"missing aims output file '{path}'")

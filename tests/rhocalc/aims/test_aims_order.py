@@ -1,10 +1,14 @@
-"""aims order and sign <-> canonical: exact inverses, and the labelled (2022) order."""
+"""aims order and sign <-> canonical: exact inverses, the labelled and indexed (aims < 240403)
+orders, and the version boundary."""
 
 import numpy as np
 import pytest
 
 import aims_test_files
-from rhocalc.aims.order import AimsOrder, aims_order, condon_shortley_sign, from_aims, to_aims
+from rhocalc.aims.order import (
+    CANONICAL_FROM_VERSION, AimsOrder, aims_order, condon_shortley_sign, converts, from_aims,
+    indexed_order, to_aims,
+)
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +81,27 @@ def test_bad_labels_are_named(water, water_basis, labelled):
         aims_order(positions, unknown, water_basis, symbols)
     with pytest.raises(ValueError, match="file position .* appears twice"):
         aims_order(np.zeros(len(labels), dtype=int), labels, water_basis, symbols)
+
+
+def test_indexed_order_equals_the_labelled_one(labelled, water, water_basis):
+    """idx_prodbas.out (file position of each canonical function) with the list of sign
+    changes gives the same conversion as the per-function labels."""
+    order, _ = labelled
+    symbols = water.get_chemical_symbols()
+    file_positions = np.argsort(order.canonical_index)  # of canonical function k
+    flipped = np.flatnonzero(order.sign < 0)
+    indexed = indexed_order(file_positions, flipped, water_basis, symbols)
+    assert np.array_equal(indexed.canonical_index, order.canonical_index)
+    assert np.array_equal(indexed.sign, order.sign)
+    with pytest.raises(ValueError, match=r"is listed for a sign change, but aims changes"):
+        indexed_order(file_positions, np.append(flipped, np.flatnonzero(order.sign > 0)[0]),
+                      water_basis, symbols)
+    repeated = file_positions.copy()
+    repeated[1] = repeated[0]
+    with pytest.raises(ValueError, match=r"not a permutation of 1\.\.\d+ \(1-based\)"):
+        indexed_order(repeated, flipped, water_basis, symbols)
+
+
+def test_version_decides_the_conversion():
+    assert converts(221103) and converts(240402)
+    assert not converts(240403) and not converts(240925) and CANONICAL_FROM_VERSION == 240403

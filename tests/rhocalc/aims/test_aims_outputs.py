@@ -1,6 +1,10 @@
-"""Parsing aims RI output, both file generations, into the PySCF backend's TensorMaps."""
+"""Parsing aims RI output of every aims version into the PySCF backend's TensorMaps.
+
+The aims version in aims.out decides the conventions, never the file names.
+"""
 
 import os
+import shutil
 
 import metatensor
 import numpy as np
@@ -13,6 +17,7 @@ from rhocalc import realspace
 from rhocalc.aims import outputs
 from rhocalc.aims.aimsout import parse_aims_out
 from rhocalc.aims.outputs import AimsOutputError, read_ri_run
+from aims_test_files import OLD_LAYOUTS
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +31,28 @@ def canonical(molecule, molecule_basis, molecule_targets):
     )
 
 
-def write_run(directory, generation, molecule, basis, canonical, triu=True, seed=0):
+def write_run(directory, layout_name, molecule, basis, canonical, triu=True, seed=0, **kwargs):
+    """A run folder in one layout: "2024", or one of aims_test_files.OLD_LAYOUTS."""
     symbols = molecule.get_chemical_symbols()
-    if generation == "2024":
-        aims_test_files.write_2024_run(directory, symbols, basis, *canonical, triu=triu)
+    if layout_name == "2024":
+        aims_test_files.write_2024_run(directory, symbols, basis, *canonical, triu=triu,
+                                       **kwargs)
     else:
-        aims_test_files.write_2022_run(
-            directory, symbols, basis, *canonical, np.random.default_rng(seed)
-        )
+        aims_test_files.write_old_run(directory, layout_name, symbols, basis, *canonical,
+                                      np.random.default_rng(seed), **kwargs)
     return str(directory)
 
 
-@pytest.mark.parametrize(
-    "generation, triu", [("2024", True), ("2024", False), ("2022", False)],
-    ids=["2024-upper-triangle", "2024-full-overlap", "2022-internal-order"],
-)
+LAYOUTS = [("2024", True), ("2024", False), ("221103", False), ("221103-index", False),
+           ("2023-development", False)]
+
+
+@pytest.mark.parametrize("layout_name, triu", LAYOUTS, ids=[
+    "2024-upper-triangle", "2024-full-overlap", "221103-idx_prodbas_details",
+    "221103-idx_prodbas", "2023-development-product_basis_idxs"])
 def test_parsed_targets_equal_pyscf_ones(tmp_path, molecule, molecule_basis, molecule_targets,
-                                         canonical, generation, triu):
-    directory = write_run(tmp_path, generation, molecule, molecule_basis, canonical, triu)
+                                         canonical, layout_name, triu):
+    directory = write_run(tmp_path, layout_name, molecule, molecule_basis, canonical, triu)
     targets, basis = read_ri_run(directory, molecule, system=0)
 
     assert basis.n_radial("O") == molecule_basis.n_radial("O")
@@ -52,19 +61,138 @@ def test_parsed_targets_equal_pyscf_ones(tmp_path, molecule, molecule_basis, mol
     assert all(shell.exponents == () for shell in basis.shells["O"])
     metatensor.allclose_raise(targets.coefficients, molecule_targets.coefficients, rtol=1e-14)
     metatensor.allclose_raise(targets.projections, molecule_targets.projections, rtol=1e-14)
-    metatensor.allclose_raise(targets.overlap, molecule_targets.overlap, rtol=1e-14, atol=1e-16)
-    assert targets.info["aims_files"] == generation
+    metatensor.allclose_raise(targets.overlap, molecule_targets.overlap, rtol=1e-14, atol=1e-15)
+    expected_version = "240926" if layout_name == "2024" else OLD_LAYOUTS[layout_name][0]
+    assert targets.info["aims_version"] == expected_version
+    assert targets.info["aims_version_from"] == "aims.out"
+    expected_order = [] if layout_name == "2024" else list(OLD_LAYOUTS[layout_name][4])
+    assert targets.info["aims_order"] == expected_order
     assert targets.info["n_aux_functions"] == len(canonical[0])
 
 
-def test_2022_files_differ_from_canonical_before_conversion(tmp_path, molecule,
-                                                            molecule_basis, canonical):
-    """The 2022 test files really are permuted and signed, so the test above pins both."""
-    directory = write_run(tmp_path, "2022", molecule, molecule_basis, canonical)
-    raw = np.loadtxt(os.path.join(directory, "ri_coeffs.out"))
+@pytest.mark.parametrize("layout_name", list(OLD_LAYOUTS))
+def test_old_files_differ_from_canonical_before_conversion(tmp_path, molecule,
+                                                           molecule_basis, canonical, layout_name):
+    """The old test files really are permuted and signed, so the test above pins both."""
+    directory = write_run(tmp_path, layout_name, molecule, molecule_basis, canonical)
+    raw = np.loadtxt(os.path.join(directory, OLD_LAYOUTS[layout_name][1]))
     assert not np.allclose(raw, canonical[0])
     assert np.allclose(np.sort(np.abs(raw)), np.sort(np.abs(canonical[0])))
     assert not np.allclose(np.sort(raw), np.sort(canonical[0]), rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------ the version decides ---
+def test_old_names_from_a_canonical_build_are_not_converted(tmp_path, molecule, molecule_basis,
+                                                            molecule_targets, canonical):
+    """A build >= 240403 writing the 2023 names (and a stale product_basis_idxs.out) is
+    already canonical: applying the labels would convert twice."""
+    directory = write_run(tmp_path / "old", "2023-development", molecule, molecule_basis,
+                          canonical)
+    labels = os.path.join(directory, "product_basis_idxs.out")
+    directory = write_run(tmp_path / "new", "2024", molecule, molecule_basis, canonical,
+                          version="240507", names=("ri_coeffs.out", "ri_projs.out"))
+    shutil.copy(labels, directory)
+    targets, _ = read_ri_run(directory, molecule)
+    metatensor.allclose_raise(targets.coefficients, molecule_targets.coefficients, rtol=1e-14)
+    metatensor.allclose_raise(targets.overlap, molecule_targets.overlap, rtol=1e-14, atol=1e-15)
+    assert targets.info["aims_order"] == []
+
+
+def test_version_boundary_is_240403(tmp_path, molecule, molecule_basis, molecule_targets,
+                                    canonical):
+    """The same internal-order files are converted when aims.out says 240402, and read as
+    they are from 240403 on (aims then writes canonical files itself, SALTED's rule)."""
+    directory = write_run(tmp_path, "221103", molecule, molecule_basis, canonical)
+    for version, converted in (("240402", True), ("240403", False)):
+        aims_test_files.write_aims_out(directory, version)
+        targets, _ = read_ri_run(directory, molecule)
+        same = metatensor.allclose(targets.coefficients, molecule_targets.coefficients,
+                                   rtol=1e-14)
+        assert same == converted, version
+
+
+@pytest.mark.parametrize("layout_name", list(OLD_LAYOUTS))
+def test_folder_without_aims_out_is_refused_or_read_with_the_given_version(
+        tmp_path, molecule, molecule_basis, molecule_targets, canonical, layout_name):
+    directory = write_run(tmp_path, layout_name, molecule, molecule_basis, canonical,
+                          aims_out=False)
+    with pytest.raises(AimsOutputError, match=r"aims.out' is missing, .* aims_version="):
+        read_ri_run(directory, molecule)
+    version = OLD_LAYOUTS[layout_name][0]
+    targets, _ = read_ri_run(directory, molecule, aims_version=version)
+    metatensor.allclose_raise(targets.coefficients, molecule_targets.coefficients, rtol=1e-14)
+    metatensor.allclose_raise(targets.overlap, molecule_targets.overlap, rtol=1e-14, atol=1e-15)
+    assert targets.info["aims_version_from"] == "aims_version argument"
+
+
+def test_version_missing_unreadable_or_contradicted_is_an_error(tmp_path, molecule,
+                                                                molecule_basis, canonical):
+    directory = write_run(tmp_path, "2024", molecule, molecule_basis, canonical)
+    with pytest.raises(AimsOutputError, match=r"aims_version='221103' given, but .*aims.out' "
+                                              r"reports version 240926"):
+        read_ri_run(directory, molecule, aims_version="221103")
+    with open(os.path.join(directory, "aims.out"), "w") as f:
+        f.write("  Have a nice day.\n")
+    with pytest.raises(AimsOutputError, match=r"aims.out' prints no 'FHI-aims version'"):
+        read_ri_run(directory, molecule)
+    aims_test_files.write_aims_out(directory, "master")
+    with pytest.raises(AimsOutputError, match=r"aims.out': cannot read the aims version 'master'"):
+        read_ri_run(directory, molecule)
+
+
+@pytest.mark.parametrize("layout_name, removed, missing", [
+    ("221103", ["idx_prodbas_details.out", "prodbas_condon_shotley_list.out"],
+     r"none of 'idx_prodbas_details.out', 'product_basis_idxs.out' or 'idx_prodbas.out' \+ "
+     r"'prodbas_condon_shotley_list.out'"),
+    ("221103-index", ["prodbas_condon_shotley_list.out"],
+     r"has 'idx_prodbas.out' but no 'prodbas_condon_shotley_list.out'"),
+    ("2023-development", ["product_basis_idxs.out"], r"none of 'idx_prodbas_details.out'"),
+])
+def test_old_folder_without_its_order_is_refused_naming_the_file(
+        tmp_path, molecule, molecule_basis, canonical, layout_name, removed, missing):
+    directory = write_run(tmp_path, layout_name, molecule, molecule_basis, canonical)
+    for name in removed:
+        os.remove(os.path.join(directory, name))
+    with pytest.raises(AimsOutputError, match=missing):
+        read_ri_run(directory, molecule)
+
+
+def test_sign_list_contradicting_the_labels_is_an_error(tmp_path, molecule, molecule_basis,
+                                                        canonical):
+    for layout_name, match in (("221103", r"prodbas_condon_shotley_list.out' against "
+                                          r".*idx_prodbas_details.out': file position \d+ "
+                                          r"\(1-based\) is not listed"),
+                               ("221103-index", r"idx_prodbas.out' with .* is not listed for "
+                                                r"a sign change")):
+        directory = write_run(tmp_path / layout_name, layout_name, molecule, molecule_basis,
+                              canonical)
+        path = os.path.join(directory, "prodbas_condon_shotley_list.out")
+        _write_lines(path, _lines(path)[1:])
+        with pytest.raises(AimsOutputError, match=match):
+            read_ri_run(directory, molecule)
+
+
+def test_index_file_not_a_permutation_is_an_error(tmp_path, molecule, molecule_basis, canonical):
+    directory = write_run(tmp_path, "221103-index", molecule, molecule_basis, canonical)
+    path = os.path.join(directory, "idx_prodbas.out")
+    lines = _lines(path)
+    lines[3] = lines[2]
+    _write_lines(path, lines)
+    with pytest.raises(AimsOutputError, match=r"idx_prodbas.out' .*not a permutation"):
+        read_ri_run(directory, molecule)
+
+
+def test_two_names_of_one_vector_must_agree(tmp_path, molecule, molecule_basis,
+                                            molecule_targets, canonical):
+    directory = write_run(tmp_path, "2024", molecule, molecule_basis, canonical)
+    shutil.copy(os.path.join(directory, "ri_restart_coeffs.out"),
+                os.path.join(directory, "ri_coeffs.out"))
+    targets, _ = read_ri_run(directory, molecule)
+    metatensor.allclose_raise(targets.coefficients, molecule_targets.coefficients, rtol=1e-14)
+    aims_test_files.write_values(os.path.join(directory, "ri_coeffs.out"), 2 * canonical[0])
+    with pytest.raises(AimsOutputError, match=r"both 'ri_restart_coeffs.out' and "
+                                              r"'ri_coeffs.out' with different values"):
+        read_ri_run(directory, molecule)
 
 
 def test_basis_name_carries_the_product_basis_settings(tmp_path, molecule, molecule_basis,
@@ -78,11 +206,12 @@ def test_basis_name_carries_the_product_basis_settings(tmp_path, molecule, molec
 
 def test_orbital_resolved_files_are_read_with_their_suffix(tmp_path, molecule, molecule_basis,
                                                            molecule_targets, canonical):
-    directory = write_run(tmp_path, "2022", molecule, molecule_basis, canonical)
+    directory = write_run(tmp_path, "2023-development", molecule, molecule_basis, canonical)
     for name in ("ri_coeffs.out", "ri_projs.out"):
         os.rename(os.path.join(directory, name),
                   os.path.join(directory, name.replace(".out", "_0003.out")))
-    with pytest.raises(AimsOutputError, match="missing aims output file .*ri_coeffs.out"):
+    with pytest.raises(AimsOutputError,
+                       match="missing aims output file: .* no RI coefficients .*ri_coeffs.out"):
         read_ri_run(directory, molecule)
     targets, _ = read_ri_run(directory, molecule, orbital=3)
     metatensor.allclose_raise(targets.coefficients, molecule_targets.coefficients, rtol=1e-14)
@@ -91,8 +220,9 @@ def test_orbital_resolved_files_are_read_with_their_suffix(tmp_path, molecule, m
 
 def test_fit_error_from_grid_files_matches_pyscf(tmp_path, molecule, molecule_basis, molecule_scf,
                                                  molecule_targets, canonical):
-    """aims' grid files (atomic units) written from PySCF densities give PySCF's own L1 fit
-    error, relative to the electron count of aims.out; without it, to the grid integral."""
+    """aims' grid files (atomic units) written from PySCF densities, each in its own point
+    order, give PySCF's own L1 fit error, relative to the electron count of aims.out;
+    without it, to the grid integral. The older file names give the same."""
     directory = write_run(tmp_path, "2024", molecule, molecule_basis, canonical)
     points, weights = realspace.integration_grid(molecule, level=3)  # Angstrom, Angstrom^3
     aims_test_files.write_grid_files(directory, points / BOHR, {
@@ -100,13 +230,19 @@ def test_fit_error_from_grid_files_matches_pyscf(tmp_path, molecule, molecule_ba
         "rho_rebuilt_ri.out": realspace.density_at_points(canonical[0], molecule, molecule_basis,
                                                           points),
         "partition_tab.out": weights / BOHR**3,
-    })
+    }, rng=np.random.default_rng(5))
     reference = molecule_targets.info
-    info = read_ri_run(directory, molecule)[0].info
-    for name in ("n_electrons_scf_grid", "n_electrons_fitted_grid"):
-        assert info[name] == pytest.approx(reference[name], rel=1e-10)
     grid_relative = reference["fit_l1_error_percent"] * 10 / reference["n_electrons_scf_grid"]
-    assert info["fit_l1_error_percent"] == pytest.approx(grid_relative, rel=1e-10)
+    for old_names in (False, True):
+        if old_names:
+            os.rename(os.path.join(directory, "rho_scf.out"),
+                      os.path.join(directory, "rho_ref.out"))
+            os.rename(os.path.join(directory, "rho_rebuilt_ri.out"),
+                      os.path.join(directory, "rho_ri.out"))
+        info = read_ri_run(directory, molecule)[0].info
+        for name in ("n_electrons_scf_grid", "n_electrons_fitted_grid"):
+            assert info[name] == pytest.approx(reference[name], rel=1e-10)
+        assert info["fit_l1_error_percent"] == pytest.approx(grid_relative, rel=1e-10)
 
     with open(os.path.join(directory, "aims.out"), "w") as f:
         f.write(AIMS_OUT)  # a total of 10.000 electrons
@@ -126,8 +262,14 @@ def test_fit_error_on_mismatched_grids_is_an_error(tmp_path, molecule, molecule_
     points = np.random.default_rng(0).normal(size=(20, 3))
     aims_test_files.write_grid_files(directory, points, {
         "rho_scf.out": np.ones(20), "rho_rebuilt_ri.out": np.ones(20)})
-    aims_test_files.write_grid_files(directory, points + 0.1, {"partition_tab.out": np.ones(20)})
-    with pytest.raises(AimsOutputError, match="partition_tab.out' is on other grid points"):
+    moved = points.copy()
+    moved[7] += 0.1
+    aims_test_files.write_grid_files(directory, moved, {"partition_tab.out": np.ones(20)})
+    with pytest.raises(AimsOutputError, match=r"partition_tab.out' is on other grid points .*"
+                                              r"its point .* is not on it"):
+        read_ri_run(directory, molecule)
+    aims_test_files.write_grid_files(directory, points[:-1], {"partition_tab.out": np.ones(19)})
+    with pytest.raises(AimsOutputError, match=r"partition_tab.out' .* \(19 and 20 points\)"):
         read_ri_run(directory, molecule)
 
 
@@ -166,7 +308,7 @@ def test_size_not_matching_basis_definition(tmp_path, molecule, molecule_basis, 
 
 
 def test_nan_entry_names_file_and_line(tmp_path, molecule, molecule_basis, canonical):
-    directory = write_run(tmp_path, "2022", molecule, molecule_basis, canonical)
+    directory = write_run(tmp_path, "2023-development", molecule, molecule_basis, canonical)
     path = os.path.join(directory, "ri_projs.out")
     lines = _lines(path)
     lines[6] = "NaN\n"
@@ -210,7 +352,7 @@ def test_asymmetric_overlap_names_element_and_lines(tmp_path, molecule, molecule
 
 
 def test_bad_function_label_names_file_and_line(tmp_path, molecule, molecule_basis, canonical):
-    directory = write_run(tmp_path, "2022", molecule, molecule_basis, canonical)
+    directory = write_run(tmp_path, "2023-development", molecule, molecule_basis, canonical)
     path = os.path.join(directory, "product_basis_idxs.out")
     lines = _lines(path)
     lines[4] = lines[4].split()[0] + " 1 9 1 0\n"  # l = 9 is not in O's basis
