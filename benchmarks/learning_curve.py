@@ -1,38 +1,43 @@
-"""Learning curve on distorted water molecules: test errors and timings against training-set size.
+"""Learning curves: test errors and training time against the number of training structures.
 
-One dataset of ``--n-structures`` distorted waters
-(:func:`rhocalc.structures.distorted_waters`; PBE/def2-svp, fitted onto
-def2-universal-jkfit, as in ``examples/water/run.py``) is computed once with
-:func:`rhocalc.batch.run_batch` into ``--dataset`` (resumable: a rerun skips it).
-Its completed structures are shuffled once into a fixed test set, a fixed
-validation set and a pool of training structures; the training sets are nested
-prefixes of the pool. For each model and training-set size:
+Datasets (:mod:`datasets`, computed there once and reused; PBE/def2-svp fitted
+onto def2-universal-jkfit):
 
-- :func:`rholearn.workflow.fit` trains on that explicit split (linear: LBFGS and
-  the overlap loss with the settings of the example; nonlinear: Adam);
-- :func:`rholearn.workflow.evaluate` gives the test errors: relative L2 and
-  SALTED % RMSE against the RI coefficients, real-space L1 against the RI and
-  the SCF densities (and the RI basis's own L1 error against the SCF);
-- the prediction of one structure is timed, split into the lambda-SOAP
-  descriptor and the network (median over the test set), next to the
-  descriptor per structure of the whole test set in one call and the mean
-  time per structure of ``evaluate``'s predictions (first call included).
+- ``waters``: 130 strongly distorted waters (Gaussian noise of 0.1 Angstrom on
+  every coordinate, O-H 0.62-1.50 Angstrom); a fixed test set of ``--n-test``
+  (20) structures, training sets the first N of the rest (nested), no
+  validation structures (``--n-val 0``);
+- ``g2``: the closed-shell H/C/N/O molecules of ``ase.collections.g2`` with at
+  most 3 heavy atoms, 4 distorted copies each; the test set is every copy of
+  ``--g2-test-molecules`` (7) molecules never seen in training.
 
-Prints a table and writes JSON.
+Models (``--models``), each fitted with :func:`rholearn.workflow.fit` on the
+explicit split and the overlap loss:
+
+- ``kernel``: the sparse kernel model, direct solve (the defaults);
+- ``linear-direct``: the linear model, direct solve (conjugate gradients: its
+  normal matrix is too large to store);
+- ``linear-lbfgs``: the linear model, LBFGS (``--epochs``);
+- ``nonlinear``: the nonlinear model, Adam (``--adam-epochs``).
+
+Reported on the test set by :func:`rholearn.workflow.evaluate`: SALTED's %
+RMSE, real-space L1 against the RI and the SCF densities (``--real-space``
+``all`` sizes, ``largest`` only or ``none``), and the training time after the
+descriptors (direct: references + solve; gradient: the epochs). Prints a
+table and writes JSON (rewritten after every point).
 
 Usage::
 
-    python benchmarks/learning_curve.py [--train-sizes 10 30 100] [--models linear nonlinear]
-                                        [--dataset DIR] [--output FILE]
+    OMP_NUM_THREADS=1 python benchmarks/learning_curve.py waters --models kernel linear-lbfgs
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import dataclasses
 import json
 import os
-import statistics
+import sys
 import tempfile
 import time
 
@@ -40,191 +45,153 @@ import numpy as np
 import pyscf
 import torch
 
-from rhocalc.batch import run_batch
-from rhocalc.pyscf import PySCFOptions, basis_set, compute_targets
-from rhocalc.structures import distorted_waters
-from rholearn import workflow
-from rholearn.data import read_dataset
-from rholearn.train import TrainOptions
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import datasets  # noqa: E402  (the benchmark datasets, next to this script)
 
-OUTPUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
-"""Git-ignored folder of the benchmarks' results."""
+from rholearn import workflow  # noqa: E402
+from rholearn.dataset import read_dataset  # noqa: E402
+from rholearn.plots import plot_learning_curve  # noqa: E402
+from rholearn.train import TrainOptions  # noqa: E402
 
-PYSCF_OPTIONS = PySCFOptions(xc="PBE", basis="def2-svp", auxbasis="def2-universal-jkfit")
-
-ERRORS = ("relative_l2_percent", "rmse_percent", "l1_vs_ri_percent", "l1_vs_scf_percent",
-          "ri_l1_vs_scf_percent")
-"""Test-set errors of :func:`rholearn.workflow.evaluate` reported, in %."""
+MODELS = ("kernel", "linear-direct", "linear-lbfgs", "nonlinear")
 
 
-def compute_dataset(path: str, n_structures: int, seed: int, workers: int) -> dict:
-    """Targets of the distorted waters into ``path`` (skipping those already there).
-
-    Each of the ``workers`` processes runs PySCF with ``cpu_count // workers``
-    OpenMP threads. Returns what was computed and how long it took (seconds).
-    """
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    os.environ["OMP_NUM_THREADS"] = str(threads)  # inherited by the spawned workers
-    start = time.perf_counter()
-    report = run_batch(
-        distorted_waters(n_structures, seed), path,
-        functools.partial(compute_targets, options=PYSCF_OPTIONS),
-        basis_set(PYSCF_OPTIONS.auxbasis, ["H", "O"]), n_workers=workers,
-        settings=PYSCF_OPTIONS.dataset_settings(),
-    )
-    return {
-        "path": os.path.abspath(path), "n_structures": n_structures, "seed": seed,
-        "computed_now": len(report.done), "already_there": len(report.skipped),
-        "failed": len(report.failed), "workers": workers, "omp_threads_per_worker": threads,
-        "seconds": time.perf_counter() - start,
-    }
-
-
-def nested_splits(indices, n_test: int, n_val: int, train_sizes, seed: int):
-    """``{n_train: {"train", "val", "test"}}``: the same test and validation
-    structures for every size, the training sets nested (each contains the smaller)."""
-    shuffled = [int(i) for i in np.random.default_rng(seed).permutation(indices)]
-    test, val, pool = shuffled[:n_test], shuffled[n_test : n_test + n_val], shuffled[n_test + n_val :]
+def splits(name: str, folder, train_sizes, n_test: int, n_val: int, n_test_molecules: int, seed: int):
+    """``{n_train: split}``: nested training sets, one fixed test (and validation) set."""
+    rng = np.random.default_rng(seed)
+    indices = list(folder.indices)
+    if name == "g2":  # test: every copy of unseen molecules
+        molecules = sorted({folder.frames[i].info["name"].rsplit("-", 1)[0] for i in indices})
+        unseen = set(rng.choice(molecules, n_test_molecules, replace=False).tolist())
+        test = [i for i in indices if folder.frames[i].info["name"].rsplit("-", 1)[0] in unseen]
+        rest = [i for i in indices if i not in set(test)]
+    else:
+        shuffled = [int(i) for i in rng.permutation(indices)]
+        test, rest = shuffled[:n_test], shuffled[n_test:]
+    rest = [int(i) for i in rng.permutation(rest)]
+    val, pool = rest[:n_val], rest[n_val:]
     if max(train_sizes) > len(pool):
-        raise ValueError(
-            f"{len(indices)} completed structures leave {len(pool)} for training after "
-            f"{n_test} test and {n_val} validation ones, fewer than {max(train_sizes)}"
-        )
+        raise ValueError(f"{name}: {len(pool)} structures left for training, fewer than {max(train_sizes)}")
     return {n: {"train": pool[:n], "val": val, "test": test} for n in train_sizes}
 
 
-def train_options(model: str, args) -> TrainOptions:
-    """Linear: full-batch LBFGS as in ``examples/water/run.py``; nonlinear: Adam."""
-    if model == "linear":
-        return TrainOptions(
-            epochs=args.epochs, optimizer="lbfgs", learning_rate=1.0, batch_size=16,
-            scheduler=None, early_stopping_patience=10, checkpoint_every=5, verbose=False,
-            seed=args.seed,
-        )
-    return TrainOptions(
-        epochs=args.adam_epochs, optimizer="adam", learning_rate=1e-2, batch_size=8,
-        scheduler="plateau", early_stopping_patience=20, checkpoint_every=10, verbose=False,
-        seed=args.seed,
-    )
+def fit_options(model: str, args) -> workflow.FitOptions:
+    """The options of each benchmarked model (``--descriptor`` for all)."""
+    return dataclasses.replace(_model_options(model, args), descriptor=args.descriptor)
 
 
-def prediction_milliseconds(model, frames, system_ids) -> dict:
-    """Time (ms) to predict one structure: median of the descriptor and the
-    network called on one structure at a time, and the descriptor per
-    structure when all are computed in one call."""
-    descriptor_ms, network_ms = [], []
-    with torch.no_grad():
-        for atoms, system in zip(frames, system_ids):
-            start = time.perf_counter()
-            descriptor = model.descriptor.compute([atoms], [system])
-            middle = time.perf_counter()
-            model(descriptor)
-            descriptor_ms.append(1e3 * (middle - start))
-            network_ms.append(1e3 * (time.perf_counter() - middle))
-    start = time.perf_counter()
-    model.descriptor.compute(frames, system_ids)
-    batched_ms = 1e3 * (time.perf_counter() - start) / len(frames)
-    return {
-        "descriptor_ms": statistics.median(descriptor_ms),
-        "network_ms": statistics.median(network_ms),
-        "descriptor_batched_ms": batched_ms,
-    }
+def _model_options(model: str, args) -> workflow.FitOptions:
+    if model == "kernel":
+        return workflow.FitOptions()
+    if model == "linear-direct":
+        return workflow.FitOptions(model="linear")
+    if model == "linear-lbfgs":
+        train = TrainOptions(epochs=args.epochs, optimizer="lbfgs", learning_rate=1.0, batch_size=16,
+                             scheduler=None, early_stopping_patience=10, checkpoint_every=50,
+                             verbose=False)
+        return workflow.FitOptions(model="linear", solver="gradient", train=train)
+    train = TrainOptions(epochs=args.adam_epochs, optimizer="adam", learning_rate=1e-2, batch_size=8,
+                         scheduler="plateau", early_stopping_patience=20, checkpoint_every=50,
+                         verbose=False)
+    return workflow.FitOptions(model="nonlinear", solver="gradient", train=train)
 
 
-def learning_point(model: str, split, dataset: str, run_dir: str, args) -> dict:
-    """Fit one model on one split, evaluate it on the test set, time it."""
-    options = workflow.FitOptions(model=model, loss="overlap", train=train_options(model, args))
+def training_seconds(result) -> float:
+    """Time spent training after the descriptors were computed."""
+    path = os.path.join(result.run_dir, workflow.SOLVE_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            seconds = json.load(f)["seconds"]
+        return seconds["total"] + seconds["references"]
+    return sum(epoch["seconds"] for epoch in result.history)
+
+
+def learning_point(name, model, split, dataset, run_dir, real_space, args) -> dict:
+    options = fit_options(model, args)
     start = time.perf_counter()
     result = workflow.fit(dataset, run_dir, options, split=split)
     fit_seconds = time.perf_counter() - start
-    errors = workflow.evaluate(
-        result.model, dataset, split["test"], grid_level=args.grid_level, progress=False
-    )
-    frames = read_dataset(dataset).frames
-    epoch_seconds = [epoch["seconds"] for epoch in result.history]
-    return {
-        "model": model,
-        "n_train": len(split["train"]),
-        "n_val": len(split["val"]),
-        "n_test": len(split["test"]),
-        "epochs_run": len(result.history),
-        "seconds_per_epoch": statistics.mean(epoch_seconds),
-        "fit_seconds": fit_seconds,
-        **{name: errors["summary"][name] for name in ERRORS},
-        "predict_ms_mean_in_evaluate": 1e3 * errors["seconds"]["predict_per_structure"],
-        **prediction_milliseconds(result.model, [frames[i] for i in split["test"]], split["test"]),
-        "split": split,
-        "structures": errors["structures"],
+    errors = workflow.evaluate(result.model, dataset, split["test"], real_space=real_space,
+                               grid_level=args.grid_level, progress=False)
+    row = {
+        "dataset": name, "model": model, "descriptor": options.descriptor,
+        "n_train": len(split["train"]), "n_val": len(split["val"]),
+        "n_test": len(split["test"]), "train_seconds": training_seconds(result),
+        "fit_seconds": fit_seconds, **errors["summary"], "split": split,
     }
+    solve_path = os.path.join(run_dir, workflow.SOLVE_FILE)
+    if os.path.exists(solve_path):
+        with open(solve_path) as f:
+            row["solve"] = json.load(f)
+    return row
 
 
-COLUMNS = [  # result key, title, width, format
-    ("model", "model", 9, ""), ("n_train", "n_train", 7, ""), ("epochs_run", "epochs", 6, ""),
-    ("seconds_per_epoch", "s/epoch", 7, ".3f"), ("fit_seconds", "fit s", 6, ".1f"),
-    ("relative_l2_percent", "L2 %", 6, ".3f"), ("rmse_percent", "RMSE %", 6, ".2f"),
-    ("l1_vs_ri_percent", "L1 RI %", 7, ".3f"), ("l1_vs_scf_percent", "L1 SCF %", 8, ".3f"),
-    ("ri_l1_vs_scf_percent", "RI-SCF %", 8, ".3f"),
-    ("descriptor_ms", "desc ms", 7, ".1f"), ("network_ms", "net ms", 6, ".2f"),
-    ("descriptor_batched_ms", "batch ms", 8, ".1f"),
-    ("predict_ms_mean_in_evaluate", "eval ms", 7, ".1f"),
+COLUMNS = [  # key, title, format
+    ("dataset", "dataset", "8"), ("model", "model", "13"), ("n_train", "N", "4"),
+    ("rmse_percent", "RMSE %", "7.2f"), ("l1_vs_ri_percent", "L1 RI %", "7.3f"),
+    ("l1_vs_scf_percent", "L1 SCF %", "8.3f"), ("ri_l1_vs_scf_percent", "RI-SCF %", "8.3f"),
+    ("train_seconds", "train s", "8.1f"), ("fit_seconds", "fit s", "7.1f"),
 ]
 
 
-def print_table(results) -> None:
-    print("  ".join(f"{title:>{width}}" for _, title, width, _ in COLUMNS))
-    for result in results:
-        print("  ".join(f"{result[key]:>{width}{spec}}" for key, _, width, spec in COLUMNS))
+def print_table(rows) -> None:
+    print("  ".join(f"{title:>{spec.split('.')[0]}}" for _, title, spec in COLUMNS))
+    for row in rows:
+        cells = []
+        for key, _, spec in COLUMNS:
+            value = row.get(key)
+            cells.append(f"{'-':>{spec.split('.')[0]}}" if value is None else f"{value:>{spec}}")
+        print("  ".join(cells))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", help="target dataset folder (default: under benchmarks/output)")
-    parser.add_argument("--n-structures", type=int, default=130)
-    parser.add_argument("--n-test", type=int, default=20)
-    parser.add_argument("--n-val", type=int, default=10)
+    parser.add_argument("datasets", nargs="+", choices=["waters", "g2"])
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=["kernel"])
     parser.add_argument("--train-sizes", type=int, nargs="+", default=[10, 30, 100])
-    parser.add_argument("--models", nargs="+", choices=["linear", "nonlinear"], default=["linear"])
-    parser.add_argument("--epochs", type=int, default=30, help="LBFGS epochs (linear)")
-    parser.add_argument("--adam-epochs", type=int, default=100, help="Adam epochs (nonlinear)")
-    parser.add_argument("--grid-level", type=int, default=3, help="PySCF grid of the L1 errors")
-    parser.add_argument("--workers", type=int, default=2, help="PySCF processes for the dataset")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch and PySCF threads of this process (training, evaluation)")
-    parser.add_argument("--seed", type=int, default=0, help="structures, split and training")
-    parser.add_argument("--output", default=os.path.join(OUTPUT_DIR, "learning_curve.json"))
+    parser.add_argument("--n-test", type=int, default=20, help="test structures (waters)")
+    parser.add_argument("--g2-test-molecules", type=int, default=7)
+    parser.add_argument("--n-val", type=int, default=0, help="validation structures")
+    parser.add_argument("--descriptor", choices=["stock", "contracted"], default="contracted",
+                        help="lambda-SOAP of every model (rholearn.descriptors)")
+    parser.add_argument("--epochs", type=int, default=30, help="LBFGS epochs")
+    parser.add_argument("--adam-epochs", type=int, default=100)
+    parser.add_argument("--real-space", choices=["all", "largest", "none"], default="all")
+    parser.add_argument("--grid-level", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default=os.path.join(datasets.OUTPUT_DIR, "learning_curve.json"))
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    pyscf.lib.num_threads(args.threads)
-    dataset = args.dataset or os.path.join(
-        OUTPUT_DIR, f"waters-{args.n_structures}-seed{args.seed}"
-    )
-
-    print(f"targets of {args.n_structures} distorted waters -> {dataset}", flush=True)
-    dataset_report = compute_dataset(dataset, args.n_structures, args.seed, args.workers)
-    splits = nested_splits(
-        read_dataset(dataset).indices, args.n_test, args.n_val, args.train_sizes, args.seed
-    )
-    results = []
+    torch.set_num_threads(1)
+    pyscf.lib.num_threads(1)
+    rows = []
     with tempfile.TemporaryDirectory(prefix="learning-curve-") as runs:
-        for model in args.models:
-            for n_train, split in splits.items():
-                print(f"{model} model, {n_train} training structures", flush=True)
-                run_dir = os.path.join(runs, f"{model}-{n_train}")
-                results.append(learning_point(model, split, dataset, run_dir, args))
-
-    print(f"\ntest set: {args.n_test} structures, validation: {args.n_val}; "
-          f"{torch.get_num_threads()} torch thread(s), CPU")
-    print_table(results)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(
-            {"dataset": dataset_report, "pyscf_options": PYSCF_OPTIONS.to_dict(),
-             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-             "results": results},
-            f,
-            indent=1,
-        )
-    print(f"wrote {args.output}")
+        for name in args.datasets:
+            dataset = datasets.compute(name, datasets.datasets()[name]())
+            folder = read_dataset(dataset)
+            for model in args.models:
+                for n_train, split in splits(name, folder, args.train_sizes, args.n_test, args.n_val,
+                                             args.g2_test_molecules, args.seed).items():
+                    real_space = args.real_space == "all" or (
+                        args.real_space == "largest" and n_train == max(args.train_sizes)
+                    )
+                    print(f"{name}: {model}, {n_train} training structures", flush=True)
+                    run_dir = os.path.join(runs, f"{name}-{model}-{n_train}")
+                    rows.append(learning_point(name, model, split, dataset, run_dir, real_space, args))
+                    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+                    with open(args.output, "w") as f:
+                        json.dump({"torch_threads": 1, "torch": torch.__version__, "results": rows},
+                                  f, indent=1)
+                    print_table(rows[-1:])
+    print(f"\n1 torch / PySCF thread; train s: after the descriptors")
+    print_table(rows)
+    figure = os.path.splitext(args.output)[0] + ".png"
+    curves = {}
+    for row in rows:
+        curves.setdefault(f"{row['dataset']} {row['model']}", []).append(
+            (row["n_train"], row["rmse_percent"]))
+    slopes = plot_learning_curve(curves, figure, ylabel="test % RMSE (SALTED)")
+    print("log-log slopes: " + ", ".join(f"{name} {slope:.2f}" for name, slope in slopes.items()))
+    print(f"wrote {args.output} and {figure}")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """Time OverlapLoss forward + backward on real auxiliary overlaps; print a table, write JSON.
 
-Cases: a batch of 10 water molecules and single ~20-atom molecules, with the
-def2-universal-jkfit overlap from PySCF stored as sparse atom pairs. Each
-timing builds the :class:`~rholearn.overlap.SparseOverlap` index anew, as a
-training step does for every batch; the split into index / forward /
-backward and a dense ``dc^T S dc`` (torch, same device) are shown for
-comparison.
+Cases: batches of 10 and 32 water molecules and single ~20-atom molecules,
+with the def2-universal-jkfit overlap from PySCF stored as sparse atom pairs.
+The loss is timed twice: rebuilding the :class:`~rholearn.overlap.SparseOverlap`
+index at every call (``cache_bytes=0``, as for shuffled minibatches, and as
+every call did before the cache), and with the default cache on a batch met
+again (LBFGS's fixed batches). Also shown: building the index alone, a cache
+look-up (the batch's digest), the forward product alone, and a dense
+``dc^T S dc`` (torch, same device).
 
 Usage::
 
@@ -33,9 +35,11 @@ from rhocalc.pyscf.molecule import aux_molecule
 from rhocalc.pyscf.order import matrix_to_canonical
 from rholearn import layout
 from rholearn.loss import LossTarget, OverlapLoss
-from rholearn.overlap import SparseOverlap
+from rholearn.overlap import SparseOverlap, SparseOverlapCache
 
 AUXBASIS = "def2-universal-jkfit"
+OUTPUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "output")
+"""Git-ignored folder of the benchmarks' results."""
 
 
 def waters(count: int, seed: int = 0):
@@ -96,10 +100,15 @@ def time_case(name, frames, dtype, device, repeats):
         prediction, reference, overlap, dense = batch_tensors(frames, folder, dtype, device)
     prediction = mts.requires_grad(prediction, True)
     target = LossTarget(coefficients=reference, overlap=overlap)
-    loss_fn = OverlapLoss()
+    loss_fn, uncached_fn = OverlapLoss(), OverlapLoss(cache_bytes=0)
 
     def loss_step():
         loss_fn(prediction, target).backward()
+
+    def uncached_step():
+        uncached_fn(prediction, target).backward()
+
+    loss_step()  # meets the batch once: the next call stores its index
 
     difference = mts.subtract(prediction, reference)
 
@@ -107,6 +116,12 @@ def time_case(name, frames, dtype, device, repeats):
         SparseOverlap(overlap, prediction)
 
     sparse = SparseOverlap(overlap, prediction)
+    cache = SparseOverlapCache()
+    for _ in range(2):
+        cache.get(overlap, prediction)
+
+    def lookup_only():
+        cache.get(overlap, prediction)
 
     def forward_only():
         with torch.no_grad():
@@ -128,8 +143,11 @@ def time_case(name, frames, dtype, device, repeats):
         "basis_functions": sum(len(m) for m, _ in dense),
         "stored_atom_pairs": n_pairs,
         "overlap_blocks": len(overlap.keys),
+        "loss_forward_backward_uncached_ms": median_time(uncached_step, repeats, device),
         "loss_forward_backward_ms": median_time(loss_step, repeats, device),
         "index_build_ms": median_time(index_only, repeats, device),
+        "cache_lookup_ms": median_time(lookup_only, repeats, device),
+        "index_mebibytes": sparse.nbytes / 2**20,
         "quadratic_forward_ms": median_time(forward_only, repeats, device),
         "dense_forward_backward_ms": median_time(dense_step, repeats, device),
     }
@@ -137,6 +155,7 @@ def time_case(name, frames, dtype, device, repeats):
         check = loss_fn(prediction, target).item()
         expected = sum((v @ m @ v).item() for m, v in zip(matrices, vectors))
     result["relative_difference_to_dense"] = abs(check - expected) / expected
+    result["cache_hits"], result["cache_misses"] = loss_fn.overlaps.hits, loss_fn.overlaps.misses
     return result
 
 
@@ -146,27 +165,33 @@ def main():
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--output", default="loss_overlap.json")
+    parser.add_argument("--output", default=os.path.join(OUTPUT_DIR, "loss_overlap.json"))
+    parser.add_argument("--cases", nargs="*", default=None, metavar="CASE",
+                        help="run only these cases (default all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     cases = [
         ("10 x water", waters(10)),
+        ("32 x water", waters(32)),
         ("pyrazine dimer", [s22["Pyrazine_dimer"]]),
         ("uracil dimer", [s22["Uracil_dimer_h-bonded"]]),
     ]
+    cases = [case for case in cases if args.cases is None or case[0] in args.cases]
     results = [time_case(name, frames, dtype, device, args.repeats) for name, frames in cases]
     columns = [
         ("case", "{:>16}"), ("atoms", "{:>6}"), ("basis_functions", "{:>6}"),
-        ("stored_atom_pairs", "{:>6}"), ("loss_forward_backward_ms", "{:>10.2f}"),
-        ("index_build_ms", "{:>8.2f}"), ("quadratic_forward_ms", "{:>8.2f}"),
+        ("stored_atom_pairs", "{:>6}"), ("loss_forward_backward_uncached_ms", "{:>11.2f}"),
+        ("loss_forward_backward_ms", "{:>11.2f}"), ("index_build_ms", "{:>8.2f}"),
+        ("cache_lookup_ms", "{:>9.2f}"), ("quadratic_forward_ms", "{:>8.2f}"),
         ("dense_forward_backward_ms", "{:>8.2f}"),
     ]
     print(f"device {device}, {args.dtype}, {args.threads} thread(s), median of {args.repeats}")
-    print("  ".join(["case".rjust(16), "atoms", " n_fn", "pairs", "loss f+b ms", "index ms",
-                     "fwd ms", "dense ms"]))
+    print("  ".join(["case".rjust(16), "atoms", " n_fn", "pairs", "rebuild f+b", "cached f+b",
+                     "index ms", "lookup ms", "fwd ms", "dense ms"]))
     for result in results:
         print("  ".join(fmt.format(result[column]) for column, fmt in columns))
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "w") as f:
         json.dump(
             {"device": str(device), "dtype": args.dtype, "threads": args.threads,

@@ -16,6 +16,6 @@ echo "[setup] creating .venv with $($PYTHON --version)" >&2
 .venv/bin/python -m pip install --quiet "$TORCH_SPEC" \
     || .venv/bin/python -m pip install --quiet "$TORCH_SPEC" \
         --extra-index-url https://download.pytorch.org/whl/cpu
-.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip install --quiet -e ".[test,notebook]"
 touch "$stamp"
 echo "[setup] done: $(.venv/bin/python -c 'import torch, rholearn; print("torch", torch.__version__, "rholearn", rholearn.__version__)')" >&2

@@ -1,12 +1,13 @@
 """Compute the targets of many structures into a resumable dataset folder.
 
 The driver is backend-agnostic: it takes a ``compute(atoms, system=index)``
-callable returning :class:`~rhocalc.targets.Targets` and writes the dataset
-layout of :mod:`rholearn.layout`::
+callable returning :class:`~rholearn.dataset.Targets` and writes a dataset
+folder by the rules of :mod:`rholearn.dataset`::
 
     OUT/
       basis.json       the auxiliary basis
       structures.xyz   all input structures, in order (extended xyz, Angstrom)
+      settings.json    the method and the backend that computed it
       failures.json    index -> {"structure", "error", "reason"} of failed structures
       0/ 1/ ...        one complete folder per computed structure
 
@@ -24,56 +25,34 @@ single writer, and lets a worker crash without leaving partial files.
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import contextlib
 import dataclasses
 import functools
-import fcntl
-import glob
 import json
 import multiprocessing
 import os
-import shutil
 import sys
+import threading
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import ase
-import ase.io
-import numpy as np
 import tqdm
 
 from rholearn import layout
 from rholearn.basis import BasisSet
-from rholearn.layout import Failure
-from rholearn.files import atomic_path, differing_keys, recorded_json
-
-from .structures import structure_name
-from .targets import Targets
+from rholearn.dataset import (
+    DatasetError, Failure, Targets, claim, exclusive_lock, is_complete, read_failures,
+    structure_name, write_failures,
+)
+from rholearn.files import remove_stale_files
 
 Compute = Callable[..., Targets]
 """``compute(atoms, system=index) -> Targets``; must be picklable for parallel runs."""
 
-SETTINGS_FILE = "settings.json"
-"""Settings that define a dataset's targets (see :func:`run_batch`)."""
-
-POSITION_TOLERANCE = 1e-6
-"""Angstrom: structures.xyz stores 8 decimals, so a resumed dataset matches to this."""
-
-_LOCK_FILE = ".lock"
-_STALE_PATTERN = ".tmp-*"  # what rholearn.files.atomic_path and Targets.write leave
 _POLL_SECONDS = 0.1
-
-
-class DatasetError(ValueError):
-    """Bad input for a dataset: unreadable structures, or a folder holding another dataset."""
-
-
-def failure_of(atoms: ase.Atoms, error: Exception) -> Failure:
-    """The :class:`~rholearn.layout.Failure` of computing ``atoms`` with this exception."""
-    # str(KeyError("...")) adds quotes around the message
-    single_message = len(error.args) == 1 and isinstance(error.args[0], str)
-    reason = error.args[0] if single_message else str(error)
-    return Failure(structure=structure_name(atoms), error=type(error).__name__, reason=reason)
+_PARENT_POLL_SECONDS = 0.5
 
 
 @dataclasses.dataclass
@@ -89,52 +68,12 @@ class BatchReport:
     failed : list of int
         Failed in this run (which retries earlier failures, so these are all the
         failures of the dataset); the reasons are in ``failures.json``, see
-        :func:`read_failures`.
+        :func:`rholearn.dataset.read_failures`.
     """
 
     done: List[int]
     skipped: List[int]
     failed: List[int]
-
-
-def read_structures(path: str, index: str = ":") -> List[ase.Atoms]:
-    """Read structures (positions in Angstrom) from any file ``ase.io.read`` knows.
-
-    Parameters
-    ----------
-    path : str
-        Structure file (extxyz, xyz, cif, POSCAR, ...; format from the extension).
-    index : str
-        Which structures, in ase syntax: ``":"`` (all), ``"0:10"``, ``"::2"``, ``"-1"``.
-
-    Raises
-    ------
-    DatasetError
-        Naming ``path`` if it is missing, unreadable, or holds no structure.
-    """
-    if not os.path.isfile(path):
-        raise DatasetError(f"cannot read structures: no such file '{path}'")
-    try:
-        structures = ase.io.read(path, index=index)
-    except Exception as error:  # ase raises many types, depending on the format
-        raise DatasetError(
-            f"cannot read structures from '{path}' (index '{index}'): "
-            f"{type(error).__name__}: {error}"
-        ) from error
-    if isinstance(structures, ase.Atoms):
-        structures = [structures]
-    if not structures:
-        raise DatasetError(f"no structures in '{path}' at index '{index}'")
-    return structures
-
-
-def read_failures(out: str) -> Dict[int, Failure]:
-    """The failed structures of a dataset folder (:func:`rholearn.layout.read_failures`),
-    a corrupt file being a :class:`DatasetError`."""
-    try:
-        return layout.read_failures(out)
-    except ValueError as error:
-        raise DatasetError(str(error)) from error
 
 
 def run_batch(
@@ -178,7 +117,9 @@ def run_batch(
         Show a progress bar on stderr.
     settings : dict, optional
         JSON-serialisable settings that define the targets (functional, basis,
-        metric, ...; e.g. ``PySCFOptions.dataset_settings()``), written to
+        metric, ...; e.g. ``PySCFOptions.dataset_settings()``) and ``"backend"``,
+        the name rholearn finds the computing code under
+        (:mod:`rholearn.backends`), written to
         ``out/settings.json``. A rerun with other settings is refused, so that
         one dataset never mixes targets of different methods. Settings that do
         not change converged targets (``max_cycle``, ...) should be left out, so
@@ -191,18 +132,23 @@ def run_batch(
     ------
     DatasetError
         If ``out`` holds another dataset, or another run is writing to it.
+    RuntimeError
+        If called while a spawned worker process imports the calling script: a
+        script that calls ``run_batch`` with ``n_workers > 1`` must do so under
+        ``if __name__ == "__main__":``.
     """
+    _refuse_reentry_in_worker()
     if len(structures) == 0:
         raise DatasetError(f"no structures to compute into '{out}'")
     os.makedirs(out, exist_ok=True)
     with contextlib.nullcontext() if locked else exclusive_lock(out):
-        _prepare(out, structures, basis, settings)
-        _remove_stale_files(out)
-        todo = [i for i in range(len(structures)) if not _is_complete(out, i)]
+        claim(out, structures, basis, settings)
+        remove_stale_files(out)
+        todo = [i for i in range(len(structures)) if not is_complete(out, i)]
         skipped = sorted(set(range(len(structures))) - set(todo))
         # a structure completed by a run killed before it updated failures.json
         failures = {i: f for i, f in read_failures(out).items() if i in todo}
-        layout.write_failures(out, failures)
+        write_failures(out, failures)
         report = BatchReport(done=[], skipped=skipped, failed=[])
         bar = tqdm.tqdm(
             total=len(structures), initial=len(skipped), unit="structure",
@@ -218,7 +164,7 @@ def run_batch(
                 else:
                     failures[index] = outcome
                     report.failed.append(index)
-                layout.write_failures(out, failures)
+                write_failures(out, failures)
                 bar.set_postfix(failed=len(report.failed), refresh=False)
                 bar.update()
     report.done.sort()
@@ -227,6 +173,37 @@ def run_batch(
 
 
 # ----------------------------------------------------------------- helpers ---
+def _refuse_reentry_in_worker() -> None:
+    """Raise if a spawned worker is importing the main script (which calls us).
+
+    A spawned process re-runs the parent's script as ``__mp_main__`` to find its
+    functions; multiprocessing marks that phase with ``_inheriting`` on the
+    current process (its own check for a missing main guard uses the same flag).
+    """
+    if getattr(multiprocessing.current_process(), "_inheriting", False):
+        raise RuntimeError(
+            "rhocalc.batch.run_batch was called again in a worker process while it "
+            "imported the calling script: put the code that calls run_batch under "
+            "`if __name__ == \"__main__\":` (worker processes re-import the script)"
+        )
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: end this process as soon as its parent ``parent`` dies.
+
+    A daemon thread polls the parent's pid (a killed parent's children are
+    adopted by another process); ``os._exit`` ends the worker even in the middle
+    of a calculation, so no worker outlives a ``kill -9`` of the run.
+    """
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _compute_or_failure(
     compute: Compute, atoms: ase.Atoms, system: int
 ) -> Union[Targets, Failure]:
@@ -242,7 +219,7 @@ def _compute_or_failure(
         json.dumps(targets.info)  # info.json must be writable, or the parent fails later
         return targets
     except Exception as error:
-        return failure_of(atoms, error)
+        return Failure.of(atoms, error)
 
 
 def _check_elements(compute: Compute, basis: BasisSet) -> Compute:
@@ -271,7 +248,10 @@ def _outcomes(
         return
     if executor is None:
         context = multiprocessing.get_context("spawn")  # no fork of OpenMP/BLAS state
-        with concurrent.futures.ProcessPoolExecutor(n_workers, mp_context=context) as pool:
+        pool = concurrent.futures.ProcessPoolExecutor(
+            n_workers, mp_context=context, initializer=_exit_with_parent, initargs=(os.getpid(),)
+        )
+        with pool:
             yield from _outcomes(structures, todo, compute, pool, n_workers)
         return
     pending = [
@@ -299,122 +279,10 @@ def _as_completed(structures, pending) -> Iterator[Tuple[int, Union[Targets, Fai
             try:
                 yield index, future.result()
             except Exception as error:  # the worker itself died or was cancelled
-                yield index, failure_of(structures[index], error)
-
-
-def _is_complete(out: str, index: int) -> bool:
-    return os.path.isdir(layout.structure_dir(out, index))
-
-
-def _prepare(
-    out: str, structures: Sequence[ase.Atoms], basis: BasisSet, settings: Optional[dict]
-) -> None:
-    """Check structures.xyz, basis.json and settings.json match those in ``out``;
-    write the missing."""
-    basis_path = os.path.join(out, layout.BASIS_FILE)
-    settings_path = os.path.join(out, SETTINGS_FILE)
-    write_or_check_structures(out, structures)
-    if os.path.exists(basis_path):
-        _check_same_basis(basis_path, basis)
-    if settings is not None:
-        _check_same_settings(settings_path, settings)
-    if not os.path.exists(basis_path):
-        basis.save(basis_path)
-
-
-def write_or_check_structures(out: str, structures: Sequence[ase.Atoms]) -> None:
-    """Write ``out/structures.xyz``, or check that the one there holds the same
-    structures (raising a :class:`DatasetError` naming the first that differs)."""
-    path = os.path.join(out, layout.STRUCTURES_FILE)
-    if os.path.exists(path):
-        _check_same_structures(read_structures(path), structures, path)
-    else:
-        with atomic_path(path) as tmp:
-            ase.io.write(tmp, list(structures), format="extxyz")
-
-
-def _check_same_settings(path: str, requested: dict) -> None:
-    """Record ``requested`` in ``path``, or check it equals what is recorded there."""
-    requested = json.loads(json.dumps(requested))  # as it reads back (tuples -> lists)
-    try:
-        existing = recorded_json(path, requested)
-    except ValueError as error:
-        raise DatasetError(str(error)) from error
-    differing = differing_keys(existing, requested)
-    if differing:
-        details = ", ".join(
-            f"{name}: {existing.get(name)!r} there, {requested.get(name)!r} requested"
-            for name in differing
-        )
-        raise DatasetError(
-            f"'{path}' was made with other settings ({details}); use another output "
-            "folder to avoid mixing datasets"
-        )
-
-
-def _check_same_basis(path: str, requested: BasisSet) -> None:
-    try:
-        existing = BasisSet.load(path)
-    except ValueError as error:
-        raise DatasetError(str(error)) from error
-    if existing.to_dict() != requested.to_dict():
-        raise DatasetError(
-            f"'{path}' holds another auxiliary basis ('{existing.name}' for "
-            f"{existing.elements}, requested '{requested.name}' for {requested.elements}); "
-            "use another output folder to avoid mixing datasets"
-        )
-
-
-def _same_structure(a: ase.Atoms, b: ase.Atoms) -> bool:
-    """Same atoms, periodicity, cell, positions (to :data:`POSITION_TOLERANCE`),
-    charge and spin."""
-    return (
-        all(a.info.get(key, 0) == b.info.get(key, 0) for key in ("charge", "spin"))
-        and np.array_equal(a.numbers, b.numbers)
-        and np.array_equal(a.pbc, b.pbc)
-        and np.allclose(a.cell.array, b.cell.array, rtol=0, atol=POSITION_TOLERANCE)
-        and np.allclose(a.positions, b.positions, rtol=0, atol=POSITION_TOLERANCE)
-    )
-
-
-def _check_same_structures(existing, requested, path: str) -> None:
-    where = None
-    if len(existing) != len(requested):
-        where = f"{len(existing)} structures there, {len(requested)} requested"
-    else:
-        for index, (a, b) in enumerate(zip(existing, requested)):
-            if not _same_structure(a, b):
-                where = (
-                    f"structure {index} is {a.get_chemical_formula()} there, "
-                    f"{b.get_chemical_formula()} (or other positions) requested"
-                )
-                break
-    if where is not None:
-        raise DatasetError(
-            f"'{path}' holds other structures ({where}); use another output folder "
-            "to avoid mixing datasets"
-        )
-
-
-def _remove_stale_files(out: str) -> None:
-    """Remove temporary files and folders a killed run left behind."""
-    for path in glob.glob(os.path.join(out, _STALE_PATTERN)):
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            os.remove(path)
-
-
-@contextlib.contextmanager
-def exclusive_lock(out: str):
-    """Hold an exclusive ``flock`` on ``out/.lock``; the kernel releases it when
-    the process dies, so a killed run never blocks the next one."""
-    path = os.path.join(out, _LOCK_FILE)
-    with open(path, "w") as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            raise DatasetError(
-                f"another run is writing to '{out}' (it holds a lock on '{path}')"
-            ) from error
-        yield
+                failure = Failure.of(structures[index], error)
+                if isinstance(error, concurrent.futures.process.BrokenProcessPool):
+                    failure.reason += (
+                        " (a worker process died: killed, out of memory, or it failed while "
+                        "importing the calling script; its error is printed above)"
+                    )
+                yield index, failure

@@ -2,20 +2,12 @@
 
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List
 
 import ase
 import numpy as np
 
 from rholearn.rotations import random_rotation
-
-
-def structure_name(atoms: ase.Atoms, name: Optional[str] = None) -> str:
-    """How errors and ``info.json`` name a structure: ``name`` if given, else
-    ``atoms.info["name"]``, else the chemical formula."""
-    if name is not None:
-        return str(name)
-    return str(atoms.info.get("name", atoms.get_chemical_formula()))
 
 
 def distorted_waters(n: int, seed: int = 0) -> List[ase.Atoms]:

@@ -1,10 +1,18 @@
-"""The ``rholearn`` command: train, evaluate and predict from the shell.
+"""The ``rholearn`` command: train, evaluate, predict and export from the shell.
 
-    rholearn train DATASET --run RUN [--model linear] [--loss overlap] [--n-train N] ...
+    rholearn defaults > options.yaml                 every training option, with its default
+    rholearn train options.yaml [-r train.epochs=20] [--model kernel] ...
+    rholearn train DATASET --run RUN [--n-train N] ...
     rholearn evaluate RUN [--dataset DATASET] [--subset test]
-    rholearn predict RUN/model.pt STRUCTURES --out DIR [--cube]
+    rholearn predict RUN STRUCTURES --out DIR [--index 0,4,7] [--cube --spacing 0.1]
+    rholearn export RUN [--out model-atomistic.pt]
 
 ``DATASET`` is a folder written by ``rhocalc``; ``RUN`` a training folder.
+
+Exit codes: 0 done; 2 bad input or a file that cannot be read or written (one
+line on stderr naming the file, argument or structure at fault); 130 interrupted
+(Ctrl-C: a training run keeps its best weights in ``model.pt`` and says how to
+resume).
 """
 
 from __future__ import annotations
@@ -13,120 +21,231 @@ import argparse
 import json
 import os
 import sys
-from typing import List, Optional
+import warnings
+from typing import List, Optional, Tuple
 
+import torch
+from ase.io.formats import string2index
 
-from rhocalc.batch import read_structures  # the CLI composes both packages
-
-from . import layout, workflow
-from .files import write_json
+from . import __version__, layout, workflow
+from .dataset import read_structures
+from .export import OUTPUT_NAME, export_atomistic
+from .files import error_line, remove_stale_files, write_json
 from .models import DensityModel
-from .train import TrainOptions
+from .options import (
+    OptionsError,
+    add_flags,
+    apply_override,
+    dump_yaml,
+    flag_overrides,
+    from_dict,
+    parse_override,
+    read_yaml,
+    to_dict,
+    write_yaml,
+)
+from .plots import plot_training_curves
+from .train import LOG_FILE
 from .visualise import write_chemiscope
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="rholearn", description="Train and use equivariant models of electron densities."
+        prog="rholearn", description="Train and use equivariant models of electron densities.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"rholearn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_defaults(commands)
     _add_train(commands)
     _add_evaluate(commands)
     _add_predict(commands)
+    _add_export(commands)
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (FileNotFoundError, ValueError, KeyError, FileExistsError) as error:
-        print(f"rholearn {args.command}: error: {error}", file=sys.stderr)
+    except (OSError, ValueError, KeyError) as error:
+        print(f"rholearn {args.command}: error: {error_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"rholearn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _subparser(commands, name: str, help_text: str) -> argparse.ArgumentParser:
+    return commands.add_parser(
+        name, help=help_text, description=help_text,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+
+
+# ------------------------------------------------------------------ options ---
+RUN_KEYS = {"dataset": None, "run": "run"}
+"""Options of ``rholearn train`` besides :class:`~rholearn.workflow.FitOptions`:
+the dataset folder (required) and the run folder."""
+
+
+def _add_defaults(commands) -> None:
+    parser = _subparser(commands, "defaults", "print every training option with its default, "
+                        "as YAML (rholearn defaults > options.yaml)")
+    parser.set_defaults(handler=_defaults)
+
+
+def _defaults(args) -> int:
+    data = {"dataset": "dataset", "run": RUN_KEYS["run"], **to_dict(workflow.FitOptions())}
+    print(dump_yaml(data), end="")
+    return 0
 
 
 def _add_train(commands) -> None:
-    parser = commands.add_parser("train", help="train a model on a rhocalc dataset")
-    parser.add_argument("dataset", metavar="DATASET", help="folder written by rhocalc")
-    parser.add_argument("--run", required=True, metavar="RUN", help="output folder of the run")
-    parser.add_argument("--model", choices=["linear", "nonlinear"], default="linear")
-    parser.add_argument("--loss", choices=sorted(workflow.LOSSES), default="overlap")
-    parser.add_argument("--n-train", type=int, help="training structures (default 80 %%)")
-    parser.add_argument("--n-val", type=int, help="validation structures (default 10 %%)")
-    parser.add_argument("--n-test", type=int, help="test structures (default: the rest)")
-    parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--hypers", metavar="JSON", help="lambda-SOAP hypers file (featomic)")
-    parser.add_argument("--optimizer", choices=["adam", "lbfgs"], default="lbfgs")
-    parser.add_argument("--epochs", type=int, default=50)
-    parser.add_argument("--learning-rate", type=float, default=None,
-                        help="default 1.0 for LBFGS, 1e-2 for Adam")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=["float64", "float32"], default="float64")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue an interrupted run")
+    parser = _subparser(commands, "train", "train a model on a rhocalc dataset")
+    parser.add_argument(
+        "source", metavar="OPTIONS_OR_DATASET", nargs="?",
+        help="an options file (YAML, see `rholearn defaults`) or a dataset folder",
+    )
+    parser.add_argument("--dataset", default=argparse.SUPPRESS,
+                        help="dataset folder written by rhocalc (overrides the options file)")
+    parser.add_argument("--run", metavar="RUN", default=argparse.SUPPRESS,
+                        help="output folder of the run ('run' unless the options file says)")
+    parser.add_argument("-r", "--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="set any option, e.g. -r train.epochs=20 (repeatable)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run (options from RUN/options.yaml)")
+    add_flags(parser, workflow.FitOptions)
     parser.set_defaults(handler=_train)
 
 
+def read_train_options(args) -> Tuple[str, str, "workflow.FitOptions", dict]:
+    """The dataset, run folder and options of ``rholearn train``, from (in order of
+    precedence) flags, ``-r`` overrides, the options file and the defaults.
+
+    Returns the expanded options as plain data too, for ``RUN/options.yaml``.
+    Every problem is raised before any work starts, naming the option or file.
+    """
+    data: dict = {}
+    if args.source and os.path.isdir(args.source):
+        data["dataset"] = args.source
+    elif args.source:
+        data = read_yaml(args.source)
+    elif args.resume and os.path.exists(os.path.join(getattr(args, "run", ""), RUN_OPTIONS_FILE)):
+        data = read_yaml(os.path.join(args.run, RUN_OPTIONS_FILE))
+    overrides = [parse_override(text) for text in args.override] + flag_overrides(args)
+    for name in RUN_KEYS:
+        if getattr(args, name, None):
+            overrides.append(([name], getattr(args, name)))
+    for path, value in overrides:
+        apply_override(data, path, value)
+    run_keys = {name: data.pop(name, default) for name, default in RUN_KEYS.items()}
+    if not run_keys["dataset"]:
+        raise ValueError("no dataset: give a dataset folder, --dataset, or 'dataset:' in the options file")
+    for name, value in run_keys.items():
+        if not isinstance(value, str):
+            raise OptionsError(f"option '{name}' must be a path (str), got {value!r}")
+    if not os.path.isdir(run_keys["dataset"]):
+        raise FileNotFoundError(f"no such dataset folder: '{run_keys['dataset']}'")
+    options = from_dict(workflow.FitOptions, data)
+    expanded = {**run_keys, **to_dict(options)}
+    return run_keys["dataset"], run_keys["run"], options, expanded
+
+
+RUN_OPTIONS_FILE = "options.yaml"
+"""The expanded options of a ``rholearn train`` run, in its folder: ``rholearn train
+RUN/options.yaml --resume`` continues it, and a copy with another ``run`` repeats it."""
+
+
 def _train(args) -> int:
-    hypers = None
-    if args.hypers:
-        with open(args.hypers) as f:
-            hypers = json.load(f)
-    learning_rate = args.learning_rate
-    if learning_rate is None:
-        learning_rate = 1.0 if args.optimizer == "lbfgs" else 1e-2
-    options = workflow.FitOptions(
-        model=args.model,
-        loss=args.loss,
-        n_train=args.n_train,
-        n_val=args.n_val,
-        n_test=args.n_test,
-        split_seed=args.split_seed,
-        hypers=hypers,
-        train=TrainOptions(
-            epochs=args.epochs,
-            optimizer=args.optimizer,
-            learning_rate=learning_rate,
-            batch_size=args.batch_size,
-            scheduler=None if args.optimizer == "lbfgs" else "plateau",
-            device=args.device,
-            dtype=args.dtype,
-            seed=args.seed,
-        ),
-    )
-    result = workflow.fit(args.dataset, args.run, options, resume=args.resume)
+    dataset, run, options, expanded = read_train_options(args)
+    remove_stale_files(run, subfolders=True)  # what a killed run left, for any solver
+    os.makedirs(run, exist_ok=True)
+    write_yaml(os.path.join(run, RUN_OPTIONS_FILE), expanded)
+    result = workflow.fit(dataset, run, options, resume=args.resume)
     sizes = ", ".join(f"{len(v)} {k}" for k, v in result.split.items())
-    print(f"trained on {sizes}; model: {os.path.join(args.run, workflow.MODEL_FILE)}")
+    print(f"trained on {sizes}; model: {os.path.join(run, workflow.MODEL_FILE)}")
     return 0
 
 
 def _add_evaluate(commands) -> None:
-    parser = commands.add_parser("evaluate", help="errors of a trained run on its test set")
+    parser = _subparser(commands, "evaluate", "errors of a trained run on a subset of its "
+                        "dataset, with plots and a chemiscope map")
     parser.add_argument("run", metavar="RUN", help="folder of a `rholearn train` run")
     parser.add_argument("--dataset", help="dataset folder (default: the one it was trained on)")
     parser.add_argument("--subset", choices=["train", "val", "test", "all"], default="test")
     parser.add_argument("--no-real-space", action="store_true",
                         help="skip the grid (L1) errors, which rerun the SCF")
-    parser.add_argument("--grid-level", type=int, default=3)
+    parser.add_argument("--grid-level", type=int, default=3, help="PySCF grid level of the L1 errors")
     parser.set_defaults(handler=_evaluate)
 
 
 def _evaluate(args) -> int:
-    model = DensityModel.load(os.path.join(args.run, workflow.MODEL_FILE))
+    model = load_model(args.run)
     with open(os.path.join(args.run, workflow.SPLIT_FILE)) as f:
         split = json.load(f)
     dataset = args.dataset or _trained_dataset(args.run)
     indices = None if args.subset == "all" else split[args.subset]
+    out = os.path.join(args.run, f"evaluation_{args.subset}")
     errors = workflow.evaluate(
-        model, dataset, indices, real_space=not args.no_real_space, grid_level=args.grid_level
+        model, dataset, indices, real_space=not args.no_real_space, grid_level=args.grid_level,
+        out=out,
     )
-    path = os.path.join(args.run, f"errors_{args.subset}.json")
+    path = os.path.join(out, ERRORS_FILE)
     write_json(path, errors)
     frames = read_structures(os.path.join(dataset, layout.STRUCTURES_FILE))
-    map_path = os.path.join(args.run, f"errors_{args.subset}.chemiscope.json.gz")
+    map_path = os.path.join(out, CHEMISCOPE_FILE)
     rows = errors["structures"]
-    write_chemiscope(map_path, [frames[row["index"]] for row in rows], rows, name=args.run)
-    for name, value in errors["summary"].items():
+    summary = errors["summary"]
+    write_chemiscope(
+        map_path, [frames[row["index"]] for row in rows], rows,
+        name=f"rholearn {model.model_type} model: {args.subset} errors ({len(rows)} structures)",
+        description=(
+            f"run '{os.path.abspath(args.run)}', dataset '{os.path.abspath(dataset)}', basis "
+            f"'{model.basis.name}'; set % RMSE {summary.get('rmse_percent', float('nan')):.3f}"
+        ),
+    )
+    log = os.path.join(args.run, LOG_FILE)
+    if os.path.exists(log):  # gradient training (the direct solve has no epochs)
+        plot_training_curves(log, os.path.join(out, CURVES_PLOT))
+    for name, value in summary.items():
         print(f"{name:<24s} {value:.4f}" if isinstance(value, float) else f"{name:<24s} {value}")
-    print(f"per-structure errors: {path}; chemiscope map: {map_path}")
+    print(f"results in {out}: {ERRORS_FILE}, {CHEMISCOPE_FILE}, {workflow.PARITY_PLOT}, "
+          "predicted coefficients per structure")
     return 0
+
+
+ERRORS_FILE = "errors.json"
+CHEMISCOPE_FILE = "errors.chemiscope.json.gz"
+CURVES_PLOT = "training_curves.png"
+
+
+def load_model(path: str) -> DensityModel:
+    """A model from a model file or a run folder (its ``model.pt``)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, workflow.MODEL_FILE)
+    return DensityModel.load(path)
+
+
+def _add_export(commands) -> None:
+    parser = _subparser(commands, "export", "write a run's model as a metatomic AtomisticModel "
+                        "(metatomic.torch.load_atomistic_model loads it without rholearn)")
+    parser.add_argument("run", metavar="RUN", help="run folder or model file")
+    parser.add_argument("--out", help="output file (default: RUN/model-atomistic.pt)")
+    parser.add_argument("--dtype", choices=["float64", "float32"], default=None,
+                        help="precision of the exported model (default: the model's)")
+    parser.set_defaults(handler=_export)
+
+
+def _export(args) -> int:
+    model = load_model(args.run)
+    if args.dtype:
+        model = model.to(dtype=getattr(torch, args.dtype))
+    folder = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
+    out = args.out or os.path.join(folder, EXPORTED_FILE)
+    export_atomistic(model, out)
+    print(f"exported {out} (output '{OUTPUT_NAME}'; load with "
+          "metatomic.torch.load_atomistic_model)")
+    return 0
+
+
+EXPORTED_FILE = "model-atomistic.pt"
 
 
 def _trained_dataset(run: str) -> str:
@@ -136,22 +255,72 @@ def _trained_dataset(run: str) -> str:
 
 
 def _add_predict(commands) -> None:
-    parser = commands.add_parser("predict", help="predict densities of new structures")
-    parser.add_argument("model", metavar="MODEL", help="model file (RUN/model.pt)")
+    parser = _subparser(commands, "predict", "predict densities of new structures: one folder "
+                        "per structure (named by atoms.info['name'], else its index in the file) "
+                        "with coefficients.mts, info.json and, with --cube, density.cube")
+    parser.add_argument("model", metavar="MODEL", help="run folder or model file (RUN/model.pt)")
     parser.add_argument("structures", metavar="STRUCTURES", help="any file ase reads (Angstrom)")
     parser.add_argument("--out", required=True, help="output folder, one subfolder per structure")
-    parser.add_argument("--index", default=":", help="ase slice of the structures")
+    parser.add_argument("--index", default=":", help="which structures: an ase slice ('3:5', "
+                        "'::2', '-1'), a comma list ('0,4,7') or @FILE (indices in a text file)")
     parser.add_argument("--cube", action="store_true", help="also write density.cube files")
-    parser.add_argument("--spacing", type=float, default=0.2, help="cube spacing (Angstrom)")
+    parser.add_argument("--spacing", type=float, default=0.1, help="cube spacing (Angstrom)")
     parser.set_defaults(handler=_predict)
 
 
 def _predict(args) -> int:
-    model = DensityModel.load(args.model)
-    frames = read_structures(args.structures, args.index)
-    folders = workflow.predict(model, frames, args.out, cube=args.cube, cube_spacing=args.spacing)
+    model = load_model(args.model)
+    frames, indices = _select_structures(args.structures, args.index)
+    model_file = os.path.abspath(
+        os.path.join(args.model, workflow.MODEL_FILE) if os.path.isdir(args.model) else args.model
+    )
+    earlier = workflow.earlier_predictions(args.out)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", workflow.CubeResolutionWarning)
+        folders = workflow.predict(model, frames, args.out, cube=args.cube,
+                                   cube_spacing=args.spacing, indices=indices,
+                                   model_file=model_file)
+    for warning in caught:  # ours as one line, the others as Python shows them
+        if issubclass(warning.category, workflow.CubeResolutionWarning):
+            print(f"rholearn predict: warning: {warning.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename,
+                                 warning.lineno)
     print(f"predicted {len(folders)} structures into {args.out}")
+    if earlier:
+        print(f"replaced the {len(earlier)} earlier prediction folder(s) in {args.out}")
     return 0
+
+
+def _select_structures(path: str, index: str) -> Tuple[List, List[int]]:
+    """The structures of ``path`` that ``index`` selects (an ase slice or single
+    index, a comma list, or ``@FILE`` of whitespace- or comma-separated indices)
+    and their (non-negative) indices in the file."""
+    if index.startswith("@"):
+        try:
+            with open(index[1:]) as f:
+                index = ",".join(f.read().replace(",", " ").split())
+        except OSError as error:
+            raise ValueError(f"cannot read the index file '{index[1:]}': {error.strerror}")
+    frames = read_structures(path)
+    if "," in index or index.strip().lstrip("-").isdigit():
+        try:
+            selected = [int(i) for i in index.split(",") if i.strip()]
+        except ValueError as error:
+            raise ValueError(f"--index '{index}' is not a list of integers") from error
+        outside = [i for i in selected if not -len(frames) <= i < len(frames)]
+        if outside:
+            raise ValueError(f"'{path}' holds {len(frames)} structures: no index {outside}")
+        indices = [i % len(frames) for i in selected]
+    else:
+        try:
+            indices = list(range(len(frames)))[string2index(index)]
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"--index '{index}' is not an ase slice or a list of integers") \
+                from error
+    if not indices:
+        raise ValueError(f"no structures in '{path}' at index '{index}'")
+    return [frames[i] for i in indices], indices
 
 
 if __name__ == "__main__":

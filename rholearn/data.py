@@ -1,13 +1,11 @@
-"""Target datasets on disk as torch datasets: reading, lazy loading, batching, splitting.
+"""Target datasets on disk as torch datasets: lazy loading, batching, splitting.
 
-A dataset folder is written by :mod:`rhocalc.batch` (file names in
-:mod:`rholearn.layout`)::
+A dataset folder (its rules and :func:`~rholearn.dataset.read_dataset`: :mod:`rholearn.dataset`)::
 
-    DATASET/basis.json  structures.xyz  failures.json  0/  1/  ...
+    DATASET/basis.json  structures.xyz  settings.json  failures.json  0/  1/  ...
     DATASET/<i>/coefficients.mts  projections.mts  overlap.mts  info.json
 
-A structure folder that exists is complete. :func:`read_dataset` finds the
-completed structures, :func:`make_dataset` wraps them in a
+:func:`make_dataset` wraps its completed structures in a
 :class:`metatensor.learn.IndexedDataset` whose target fields are read from disk
 only when a sample is accessed, and :func:`make_dataloader` batches samples by
 joining their TensorMaps along the samples axis (``system`` tells structures
@@ -17,18 +15,16 @@ apart).
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import ase
-import ase.io
 import numpy as np
 import torch
 import metatensor.torch as mts
 from metatensor.learn.data import DataLoader, IndexedDataset, group_and_join
 
 from . import layout
-from .basis import BasisSet
+from .dataset import DatasetFolder, existing_file
 
 TARGET_FILES = {
     "coefficients": layout.COEFFICIENTS_FILE,
@@ -40,108 +36,6 @@ TARGET_FILES = {
 Descriptors = Union[Callable[[int], mts.TensorMap], mts.TensorMap]
 """Descriptors of a dataset: ``index -> TensorMap`` (lazy), or one TensorMap holding
 every structure (split by its ``system`` sample dimension)."""
-
-
-class DatasetFolder(NamedTuple):
-    """What a dataset folder holds, as read by :func:`read_dataset`."""
-
-    root: str
-    frames: List[ase.Atoms]
-    """Every input structure, in file order (positions in Angstrom)."""
-    basis: BasisSet
-    indices: List[int]
-    """Completed structures, ascending."""
-    failures: Dict[int, str]
-    """Failed structures (without a folder) and why, from ``failures.json``."""
-
-
-# ------------------------------------------------------------------ reading ---
-def read_dataset(root: str, basis: Optional[BasisSet] = None) -> DatasetFolder:
-    """Read a dataset folder's structures, basis and list of completed structures.
-
-    Failed structures (listed in ``failures.json`` and without a folder) are
-    skipped with a warning naming them and their reason.
-
-    Parameters
-    ----------
-    root : str
-        The dataset folder.
-    basis : BasisSet, optional
-        The basis a model was built for; if given, the dataset's ``basis.json``
-        must be identical to it.
-
-    Raises
-    ------
-    FileNotFoundError
-        If the folder, ``basis.json`` or ``structures.xyz`` is missing.
-    ValueError
-        If no structure is completed, or the basis differs from ``basis``.
-    """
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"no such dataset folder: '{root}'")
-    basis_path = _existing(os.path.join(root, layout.BASIS_FILE))
-    dataset_basis = BasisSet.load(basis_path)
-    if basis is not None:
-        check_same_basis(basis, dataset_basis, where=basis_path)
-    frames = ase.io.read(_existing(os.path.join(root, layout.STRUCTURES_FILE)), index=":")
-    indices = [
-        i for i in range(len(frames)) if os.path.isdir(layout.structure_dir(root, i))
-    ]
-    failures = {
-        i: str(failure)  # "name, error: reason"
-        for i, failure in layout.read_failures(root).items()
-        if i not in indices
-    }
-    if failures:
-        warnings.warn(
-            f"{len(failures)} of {len(frames)} structures in '{root}' failed and are "
-            f"skipped: {_summarise(failures)}",
-            stacklevel=2,
-        )
-    if not indices:
-        raise ValueError(f"no completed structures in '{root}'")
-    return DatasetFolder(root, frames, dataset_basis, indices, failures)
-
-
-def check_same_basis(expected: BasisSet, found: BasisSet, where: str) -> None:
-    """Raise a ``ValueError`` naming both bases and their first difference.
-
-    Parameters
-    ----------
-    expected : BasisSet
-        The basis of the model.
-    found : BasisSet
-        The basis of the targets, read from ``where``.
-    """
-    if expected == found:
-        return
-    if expected.name != found.name:
-        difference = "the names differ"
-    elif expected.elements != found.elements:
-        difference = f"elements {found.elements} instead of {expected.elements}"
-    else:
-        symbol = next(s for s in expected.elements if expected.shells[s] != found.shells[s])
-        difference = (
-            f"element {symbol} has radial functions per l {found.n_radial(symbol)} "
-            f"instead of {expected.n_radial(symbol)}, or different exponents"
-        )
-    raise ValueError(
-        f"targets in '{where}' use basis '{found.name}' which differs from the "
-        f"model's basis '{expected.name}': {difference}"
-    )
-
-
-def _existing(path: str) -> str:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"missing file '{path}'")
-    return path
-
-
-def _summarise(failures: Dict[int, str], shown: int = 5) -> str:
-    text = "; ".join(f"{i}: {reason}" for i, reason in list(failures.items())[:shown])
-    if len(failures) > shown:
-        text += f"; and {len(failures) - shown} more"
-    return text
 
 
 # ----------------------------------------------------------------- datasets ---
@@ -171,7 +65,7 @@ class TargetFile:
         return os.path.join(layout.structure_dir(self.root, index), self.file_name)
 
     def __call__(self, index: int) -> mts.TensorMap:
-        path = _existing(self.path(index))
+        path = existing_file(self.path(index))
         try:
             tensor = mts.load(path)
         except Exception as error:  # metatensor raises its own error types
@@ -289,7 +183,7 @@ def make_dataset(
             raise ValueError(f"unknown target '{name}', expected one of {list(TARGET_FILES)}")
         field = TargetFile(folder.root, TARGET_FILES[name], dtype, device)
         for i in indices:
-            _existing(field.path(i))
+            existing_file(field.path(i))
         fields[name] = field
     return IndexedDataset(sample_id=indices, **fields)
 

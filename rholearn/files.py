@@ -1,10 +1,13 @@
-"""Atomic writes: a file that exists is complete, even if its writer was killed."""
+"""Atomic writes: a file that exists is complete, even if its writer was killed;
+and the one-line report of a file error that the command-line tools print."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import shutil
 from typing import Any, Dict, Iterator, List
 
 
@@ -25,6 +28,54 @@ def atomic_path(path: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: str) -> Iterator[str]:
+    """A temporary folder to fill and rename to ``folder``.
+
+    Yields an empty ``.tmp-<name>-<pid>`` folder beside ``folder``. When the block
+    ends without error, an existing ``folder`` is removed (an explicit
+    replacement) and the temporary folder renamed to it, so a folder that exists
+    is always complete; on error the temporary folder is removed.
+    """
+    parent, name = os.path.split(os.path.abspath(folder))
+    tmp = os.path.join(parent, f".tmp-{name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        if os.path.lexists(folder):
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+STALE_PATTERN = ".tmp-*"
+"""What :func:`atomic_path` and other atomic writers leave behind when killed."""
+
+
+def remove_stale_files(folder: str, subfolders: bool = False) -> List[str]:
+    """Remove the ``.tmp-*`` files and folders a killed writer left in ``folder``
+    (and, with ``subfolders``, in its immediate subfolders, e.g. a run's descriptor cache).
+
+    Call it only while no other process writes into these folders. Returns the
+    removed paths (none if ``folder`` does not exist).
+    """
+    folders = [folder]
+    if subfolders and os.path.isdir(folder):
+        folders += sorted(e.path for e in os.scandir(folder) if e.is_dir() and
+                          not e.name.startswith(".tmp-"))
+    removed = sorted(
+        path for f in folders for path in glob.glob(os.path.join(glob.escape(f), STALE_PATTERN))
+    )
+    for path in removed:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            os.remove(path)
+    return removed
 
 
 def write_json(path: str, data: Any) -> None:
@@ -57,3 +108,20 @@ def differing_keys(recorded: Dict[str, Any], requested: Dict[str, Any]) -> List[
     """Sorted keys whose values differ between two dicts (a key missing on one side
     differs)."""
     return sorted(k for k in set(recorded) | set(requested) if recorded.get(k) != requested.get(k))
+
+
+def error_line(error: Exception) -> str:
+    """One line for an error, as the command-line tools print it: an ``OSError``
+    names its path(s), a ``KeyError`` loses the quotes ``str`` adds."""
+    if isinstance(error, (FileExistsError, NotADirectoryError)) and os.path.isfile(
+        str(error.filename)
+    ):
+        text = f"'{error.filename}' is a file, where a folder is needed ({error.strerror})"
+    elif isinstance(error, OSError) and error.filename is not None and error.strerror:
+        paths = [error.filename] + ([error.filename2] if error.filename2 else [])
+        text = f"{error.strerror}: " + " -> ".join(f"'{p}'" for p in paths)
+    elif isinstance(error, KeyError) and len(error.args) == 1:
+        text = str(error.args[0])
+    else:
+        text = str(error)
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())

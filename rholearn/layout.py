@@ -26,8 +26,6 @@ functions; projections ``w = S c`` carry the same units as the overlaps.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 from typing import Dict, List, Sequence, Tuple
 
@@ -37,7 +35,7 @@ import metatensor
 from metatensor import Labels, TensorBlock, TensorMap
 
 from .basis import BasisSet
-from .files import atomic_path, write_json
+from .files import atomic_path
 
 KEY_NAMES = ["o3_lambda", "o3_sigma", "center_type"]
 SAMPLE_NAMES = ["system", "atom"]
@@ -52,7 +50,7 @@ PAIR_PROPERTY_NAMES = ["n_1", "n_2"]
 OVERLAP_THRESHOLD = 1e-10
 """Default: an atom pair is kept if any |S_ij| of its block exceeds this."""
 
-# Files of a target dataset (see ``rhocalc.batch``)
+# Files of a target dataset (its rules: :mod:`rholearn.dataset`)
 BASIS_FILE = "basis.json"
 STRUCTURES_FILE = "structures.xyz"
 FAILURES_FILE = "failures.json"
@@ -60,49 +58,6 @@ COEFFICIENTS_FILE = "coefficients.mts"
 PROJECTIONS_FILE = "projections.mts"
 OVERLAP_FILE = "overlap.mts"
 INFO_FILE = "info.json"
-
-
-@dataclasses.dataclass
-class Failure:
-    """Why one structure of a dataset has no targets (an entry of ``failures.json``).
-
-    Attributes
-    ----------
-    structure : str
-        The structure's name (``atoms.info["name"]``) or chemical formula.
-    error : str
-        Type name of the exception (``"SCFNotConverged"``, ``"KeyError"``, ...).
-    reason : str
-        The exception's message.
-    """
-
-    structure: str
-    error: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.structure}, {self.error}: {self.reason}"
-
-
-def read_failures(root: str) -> Dict[int, Failure]:
-    """The failed structures of a dataset folder, by index ({} if none)."""
-    path = os.path.join(root, FAILURES_FILE)
-    if not os.path.exists(path):
-        return {}
-    try:
-        with open(path) as f:
-            return {int(index): Failure(**record) for index, record in json.load(f).items()}
-    except (OSError, ValueError, TypeError, AttributeError) as error:
-        raise ValueError(f"cannot read failures file '{path}': {error}") from error
-
-
-def write_failures(root: str, failures: Dict[int, Failure]) -> None:
-    """Write ``failures.json`` atomically (removed when there are no failures)."""
-    path = os.path.join(root, FAILURES_FILE)
-    if failures:
-        write_json(path, {str(i): dataclasses.asdict(failures[i]) for i in sorted(failures)})
-    elif os.path.exists(path):
-        os.remove(path)
 
 
 def structure_dir(root: str, index: int) -> str:
@@ -251,7 +206,7 @@ def matrix_to_pair_tensormap(
         if np.abs(matrix[atom_ranges[i], atom_ranges[j]]).max(initial=0.0) > threshold
         or i == j
     }
-    keys, blocks = [], []
+    blocks = {}
     for l1, _, z1 in basis.keys(_symbols(atomic_numbers)):
         for l2, _, z2 in basis.keys(_symbols(atomic_numbers)):
             pairs = [
@@ -264,28 +219,55 @@ def matrix_to_pair_tensormap(
                 continue
             rows = _block_indices([i for i, _ in pairs], l1, offsets)  # (P, m1, n1)
             cols = _block_indices([j for _, j in pairs], l2, offsets)  # (P, m2, n2)
-            values = matrix[
-                rows[:, :, None, :, None], cols[:, None, :, None, :]
-            ]  # (P, m1, m2, n1, n2)
-            n1, n2 = rows.shape[2], cols.shape[2]
-            keys.append([l1, l2, z1, z2])
-            blocks.append(
-                TensorBlock(
-                    values=values.reshape(len(pairs), 2 * l1 + 1, 2 * l2 + 1, n1 * n2),
-                    samples=Labels(
-                        PAIR_SAMPLE_NAMES, np.array([[system, i, j] for i, j in pairs])
-                    ),
-                    components=[
-                        Labels(["o3_mu_1"], np.arange(-l1, l1 + 1).reshape(-1, 1)),
-                        Labels(["o3_mu_2"], np.arange(-l2, l2 + 1).reshape(-1, 1)),
-                    ],
-                    properties=Labels(
-                        PAIR_PROPERTY_NAMES,
-                        np.array([[a, b] for a in range(n1) for b in range(n2)]),
-                    ),
-                )
+            blocks[(l1, l2, z1, z2)] = (
+                np.array(pairs),
+                matrix[rows[:, :, None, :, None], cols[:, None, :, None, :]],  # (P, m1, m2, n1, n2)
             )
-    return TensorMap(Labels(PAIR_KEY_NAMES, np.array(keys)), blocks)
+    return pair_tensormap(blocks, system)
+
+
+def pair_tensormap(
+    blocks: Dict[Tuple[int, int, int, int], Tuple[np.ndarray, np.ndarray]], system: int = 0
+) -> TensorMap:
+    """The pair-layout TensorMap of blocks given as arrays.
+
+    Parameters
+    ----------
+    blocks : dict
+        ``(o3_lambda_1, o3_lambda_2, center_type_1, center_type_2) -> (pairs,
+        values)``: ``pairs`` of shape ``(P, 2)`` (``atom_1, atom_2``) and
+        ``values`` of shape ``(P, 2 l_1 + 1, 2 l_2 + 1, n_1, n_2)``. Keys
+        without pairs are left out; the others are ordered as
+        :func:`matrix_to_pair_tensormap` orders them, by ``(o3_lambda_1,
+        center_type_1)`` then ``(o3_lambda_2, center_type_2)``.
+    system : int
+        The ``system`` sample of every block.
+    """
+    keys = sorted((key for key, (pairs, _) in blocks.items() if len(pairs)),
+                  key=lambda key: (key[0], key[2], key[1], key[3]))
+    tensor_blocks = []
+    for key in keys:
+        pairs, values = blocks[key]
+        n_pairs, m_1, m_2, n_1, n_2 = values.shape
+        pairs = np.asarray(pairs, dtype=np.int64).reshape(-1, 2)
+        tensor_blocks.append(
+            TensorBlock(
+                values=np.ascontiguousarray(values).reshape(n_pairs, m_1, m_2, n_1 * n_2),
+                samples=Labels(
+                    PAIR_SAMPLE_NAMES,
+                    np.concatenate([np.full((n_pairs, 1), system, dtype=np.int64), pairs], 1),
+                ),
+                components=[
+                    Labels(["o3_mu_1"], np.arange(-(m_1 // 2), m_1 // 2 + 1).reshape(-1, 1)),
+                    Labels(["o3_mu_2"], np.arange(-(m_2 // 2), m_2 // 2 + 1).reshape(-1, 1)),
+                ],
+                properties=Labels(
+                    PAIR_PROPERTY_NAMES,
+                    np.array([[a, b] for a in range(n_1) for b in range(n_2)]).reshape(-1, 2),
+                ),
+            )
+        )
+    return TensorMap(Labels(PAIR_KEY_NAMES, np.array(keys).reshape(-1, 4)), tensor_blocks)
 
 
 def pair_tensormap_to_matrix(

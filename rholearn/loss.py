@@ -20,6 +20,11 @@ the density (electrons^2 / Bohr^3 for densities in electrons / Bohr^3), and
 ``ProjectionLoss = OverlapLoss - c_ref^T S c_ref``: it has the same gradient
 without needing the reference coefficients.
 
+:class:`OverlapLoss` and :class:`ProjectionLoss` keep the sparse overlap
+index of batches met again (:class:`rholearn.overlap.SparseOverlapCache`,
+``cache_bytes``, 1 GiB by default): LBFGS's fixed batches build it twice, then
+reuse it in every evaluation and epoch; shuffled minibatches rebuild it.
+
 The structures' values are summed (``reduction="sum"``, the default, so that
 the losses of the batches of an epoch add up) or averaged (``"mean"``).
 
@@ -36,7 +41,14 @@ import metatensor.torch as mts
 import torch
 from metatensor.torch import TensorMap
 
-from .overlap import SparseOverlap, align_samples, key_string, per_system_dot, systems_of
+from .overlap import (
+    DEFAULT_CACHE_BYTES,
+    SparseOverlapCache,
+    align_samples,
+    key_string,
+    per_system_dot,
+    systems_of,
+)
 
 REDUCTIONS = ("sum", "mean")
 
@@ -84,6 +96,10 @@ class _StructureLoss(torch.nn.Module):
             check_finite(tensor, name)
         return tensor
 
+    def _sparse_overlap(self, prediction: TensorMap, target):
+        """The batch's :class:`~rholearn.overlap.SparseOverlap`, from the cache if met before."""
+        return self.overlaps.get(self._target(prediction, target, "overlap"), prediction)
+
     def _aligned(self, prediction: TensorMap, target, name: str) -> TensorMap:
         """A coefficient-layout target field, checked and in the prediction's sample order."""
         return align_samples(self._target(prediction, target, name), prediction, name)
@@ -122,11 +138,18 @@ class OverlapLoss(_StructureLoss):
     ----------
     reduction : str
         ``"sum"`` or ``"mean"`` over structures.
+    cache_bytes : int
+        Memory bound of the cached overlap indices (attribute ``overlaps``, a
+        :class:`~rholearn.overlap.SparseOverlapCache`); 0 rebuilds every call.
     """
+
+    def __init__(self, reduction: str = "sum", cache_bytes: int = DEFAULT_CACHE_BYTES):
+        super().__init__(reduction)
+        self.overlaps = SparseOverlapCache(cache_bytes)
 
     def per_structure(self, prediction, target):
         reference = self._aligned(prediction, target, "coefficients")
-        overlap = SparseOverlap(self._target(prediction, target, "overlap"), prediction)
+        overlap = self._sparse_overlap(prediction, target)
         return overlap.systems, overlap.quadratic(mts.subtract(prediction, reference))
 
 
@@ -145,15 +168,23 @@ class ProjectionLoss(_StructureLoss):
         so that the value equals :class:`OverlapLoss`.
     reduction : str
         ``"sum"`` or ``"mean"`` over structures.
+    cache_bytes : int
+        As for :class:`OverlapLoss`.
     """
 
-    def __init__(self, add_constant: bool = False, reduction: str = "sum"):
+    def __init__(
+        self,
+        add_constant: bool = False,
+        reduction: str = "sum",
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+    ):
         super().__init__(reduction)
         self.add_constant = add_constant
+        self.overlaps = SparseOverlapCache(cache_bytes)
 
     def per_structure(self, prediction, target):
         projections = self._aligned(prediction, target, "projections")
-        overlap = SparseOverlap(self._target(prediction, target, "overlap"), prediction)
+        overlap = self._sparse_overlap(prediction, target)
         values = overlap.quadratic(prediction) - 2 * per_system_dot(
             prediction, projections, overlap.systems
         )

@@ -11,12 +11,15 @@ expanded in the basis:
   ``100 sqrt(sum_s dc^T S dc / sum_s (c_ref - c_base)^T S (c_ref - c_base))``,
   the error relative to the spread of the targets around a baseline;
 - :func:`error_summary`: both, with mean, max and per-structure values, from
-  the :func:`overlap_norms` of one or several batches.
+  the :func:`overlap_norms` of one or several batches;
+- :func:`atom_error_shares`: each atom's share ``dc_i^T (S dc)_i`` of its
+  structure's ``dc^T S dc``, to show where in a structure the error sits.
 
 All take the prediction and the reference in the coefficient layout of
 :mod:`rholearn.layout` (many structures joined along samples, any sample
 order) and the overlap in the pair layout. They do not track gradients.
-The real-space L1 error lives in :mod:`rhocalc.realspace`.
+The real-space L1 error needs basis functions on a grid: it comes from the
+dataset's backend (:mod:`rholearn.backends`, used by :func:`rholearn.workflow.evaluate`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import metatensor.torch as mts
 import torch
 from metatensor.torch import TensorBlock, TensorMap
 
-from .overlap import SparseOverlap, align_samples, key_string
+from .overlap import SparseOverlap, align_samples, key_string, overlap_matvec
 
 
 class OverlapNorms(NamedTuple):
@@ -179,3 +182,42 @@ def subtract_baseline(coefficients: TensorMap, baseline: TensorMap) -> TensorMap
             values = values - base
         blocks.append(TensorBlock(values, block.samples, block.components, block.properties))
     return TensorMap(coefficients.keys, blocks)
+
+
+@torch.no_grad()
+def atom_error_shares(
+    prediction: TensorMap, reference: TensorMap, overlap: TensorMap
+) -> Dict[Tuple[int, int], float]:
+    """Each atom's share of its structure's squared L2 error, in %.
+
+    The error ``dc^T S dc = sum_i dc_i^T (S dc)_i`` splits over the atoms ``i``
+    (their own coefficients ``dc_i`` against the overlap-weighted error of the
+    whole structure); the shares of a structure sum to 100 %. An atom whose
+    error cancels part of its neighbours' can have a negative share.
+
+    Parameters
+    ----------
+    prediction, reference : TensorMap
+        Coefficients of the same structures (layout of :mod:`rholearn.layout`).
+    overlap : TensorMap
+        Their overlap (pair layout).
+
+    Returns
+    -------
+    dict
+        ``(system, atom)`` -> share in %.
+    """
+    error = mts.subtract(prediction, align_samples(reference, prediction, "reference"))
+    weighted = overlap_matvec(error, overlap)
+    per_atom: Dict[Tuple[int, int], float] = {}
+    for block, weighted_block in zip(error.blocks(), weighted.blocks()):
+        values = (block.values * weighted_block.values).sum(dim=(1, 2))
+        for (system, atom), value in zip(block.samples.values.tolist(), values.tolist()):
+            per_atom[(system, atom)] = per_atom.get((system, atom), 0.0) + value
+    totals: Dict[int, float] = {}
+    for (system, _), value in per_atom.items():
+        totals[system] = totals.get(system, 0.0) + value
+    return {
+        (system, atom): 100.0 * value / totals[system] if totals[system] > 0 else 0.0
+        for (system, atom), value in per_atom.items()
+    }

@@ -20,13 +20,19 @@ operations, on the device and in the dtype of the inputs, differentiable in
 ``a`` and ``b``. The regrouped overlap holds as many numbers as the overlap
 TensorMap itself (memory linear in the number of stored atom pairs).
 
+Building that index costs far more than a product (a batch of 32 waters:
+16 ms against 1 ms), so :class:`SparseOverlapCache` keeps the indices of batches met again,
+e.g. LBFGS's fixed full batch across its evaluations and epochs; the losses
+of :mod:`rholearn.loss` use one.
+
 Only coefficient blocks with ``o3_sigma = 1`` enter the products (targets have
 no other). Atom indices must be below 2^20 and structure ids below 2^23.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+import hashlib
+from collections import OrderedDict, defaultdict
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -385,6 +391,15 @@ class SparseOverlap:
         if not bool(covered.all()):
             raise KeyError(f"no overlap blocks for system(s) {self.systems[~covered].tolist()}")
 
+    @property
+    def nbytes(self) -> int:
+        """Memory of the regrouped overlap and its indices, in bytes."""
+        tensors = [self.systems, self._pair_systems]
+        tensors += [t for g in self._groups for t in (g.rows_1, g.rows_2, g.slots, g.matrices)]
+        for element in self._elements.values():
+            tensors += [element.ids, *element.orders, *element.inverses]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     # ------------------------------------------------------------- products ---
     def _check_layout(self, tensor: TensorMap, name: str) -> None:
         if tensor is self.layout:
@@ -455,8 +470,120 @@ class SparseOverlap:
         )
 
 
+DEFAULT_CACHE_BYTES = 2**30
+"""Default bound of a :class:`SparseOverlapCache`: 1 GiB of cached indices."""
+
+
+class SparseOverlapCache:
+    """The :class:`SparseOverlap` of batches met before, reused.
+
+    A batch is recognised by a digest of the keys and samples of the
+    coefficient layout (so its structures' ids and their sample order), the
+    keys and shapes of the overlap blocks and the sum of each overlap block's
+    values: a batch read again from disk is recognised, the same structures
+    with another geometry, basis or pair threshold are not. Computing the
+    digest costs about a tenth of building the index.
+
+    An index is stored the second time its batch is met: fixed batches (LBFGS's
+    full batch, evaluated many times per epoch, or validation batches) are
+    built twice and then reused, while batches that never come back (Adam's
+    shuffled minibatches) are built each time and take no memory. Entries are
+    dropped least recently used first so that their :attr:`SparseOverlap.nbytes`
+    stay within ``max_bytes``; a stored index keeps the layout's metadata, not
+    its values' autograd graph.
+
+    Parameters
+    ----------
+    max_bytes : int
+        Memory bound of the stored indices (about the size of the overlap
+        TensorMaps they came from); 0 stores nothing.
+    max_seen : int
+        How many digests of batches met once are remembered (16 bytes each).
+
+    Attributes
+    ----------
+    hits, misses : int
+        Calls that reused an index, and calls that built one.
+    """
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, max_seen: int = 4096):
+        if max_bytes < 0 or max_seen < 0:
+            raise ValueError(f"max_bytes and max_seen must be >= 0, got {max_bytes}, {max_seen}")
+        self.max_bytes = max_bytes
+        self.max_seen = max_seen
+        self.hits = 0
+        self.misses = 0
+        self.nbytes = 0
+        """Memory of the stored indices, in bytes."""
+        self._entries: "OrderedDict[bytes, SparseOverlap]" = OrderedDict()
+        self._seen: "OrderedDict[bytes, None]" = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        """Forget every stored index and digest."""
+        self._entries.clear()
+        self._seen.clear()
+        self.nbytes = 0
+
+    def get(self, overlap: TensorMap, layout: TensorMap) -> SparseOverlap:
+        """``SparseOverlap(overlap, layout)``, reused if this batch was stored before."""
+        if self.max_bytes == 0:
+            self.misses += 1
+            return SparseOverlap(overlap, layout)
+        digest = _digest(overlap, layout)
+        if digest in self._entries:
+            self.hits += 1
+            self._entries.move_to_end(digest)
+            return self._entries[digest]
+        self.misses += 1
+        if digest not in self._seen:
+            self._seen[digest] = None
+            while len(self._seen) > self.max_seen:
+                self._seen.popitem(last=False)
+            return SparseOverlap(overlap, layout)
+        del self._seen[digest]
+        sparse = SparseOverlap(overlap, _metadata_only(layout))
+        size = sparse.nbytes
+        if size <= self.max_bytes:
+            while self._entries and self.nbytes + size > self.max_bytes:
+                self.nbytes -= self._entries.popitem(last=False)[1].nbytes
+            self._entries[digest] = sparse
+            self.nbytes += size
+        return sparse
+
+
+def _digest(overlap: TensorMap, layout: TensorMap) -> bytes:
+    """16 bytes identifying an overlap and a layout; see :class:`SparseOverlapCache`."""
+    digest = hashlib.blake2b(digest_size=16)
+    values = [block.values for block in overlap.blocks()]
+    digest.update(f"{layout.block(0).values.dtype} {values[0].device}".encode())
+    digest.update(str([list(v.shape) for v in values]).encode())
+    sums = torch.stack([v.detach().sum() for v in values])
+    arrays = [layout.keys.values, overlap.keys.values, sums]
+    arrays += [block.samples.values for block in layout.blocks()]
+    for array in arrays:
+        digest.update(array.detach().cpu().contiguous().numpy().tobytes())
+    return digest.digest()
+
+
+def _metadata_only(layout: TensorMap) -> TensorMap:
+    """``layout`` with detached values: keeps no autograd graph alive once cached."""
+    return TensorMap(
+        layout.keys,
+        [
+            TensorBlock(block.values.detach(), block.samples, block.components, block.properties)
+            for block in layout.blocks()
+        ],
+    )
+
+
 def bilinear_form(
-    a: TensorMap, b: TensorMap, overlap: TensorMap
+    a: TensorMap,
+    b: TensorMap,
+    overlap: TensorMap,
+    cache: Optional[SparseOverlapCache] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``a^T S b`` per structure, for ``a`` and ``b`` in any sample order.
 
@@ -466,6 +593,8 @@ def bilinear_form(
         Coefficient-layout tensors over the same ``(system, atom)`` samples.
     overlap : TensorMap
         Pair-layout overlap of those structures.
+    cache : SparseOverlapCache, optional
+        Reuses the index of a batch met before.
 
     Returns
     -------
@@ -474,10 +603,14 @@ def bilinear_form(
     values : torch.Tensor, shape (n_systems,)
         ``sum_ij a_i^T S_ij b_j`` of each structure.
     """
-    sparse = SparseOverlap(overlap, a)
+    sparse = SparseOverlap(overlap, a) if cache is None else cache.get(overlap, a)
     return sparse.systems, sparse.bilinear(a, align_samples(b, a, "b"))
 
 
-def overlap_matvec(a: TensorMap, overlap: TensorMap) -> TensorMap:
-    """``S a`` in the coefficient layout of ``a`` (same keys and sample order)."""
-    return SparseOverlap(overlap, a).matvec(a)
+def overlap_matvec(
+    a: TensorMap, overlap: TensorMap, cache: Optional[SparseOverlapCache] = None
+) -> TensorMap:
+    """``S a`` in the coefficient layout of ``a`` (same keys and sample order);
+    ``cache`` reuses the index of a batch met before."""
+    sparse = SparseOverlap(overlap, a) if cache is None else cache.get(overlap, a)
+    return sparse.matvec(a)

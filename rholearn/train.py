@@ -4,16 +4,24 @@ checkpoints that resume a run exactly.
 A run writes into its own folder ``run_dir``::
 
     options.json         the TrainOptions as used
-    log.csv              epoch, train_loss, val_loss, learning_rate, seconds
+    log.csv              epoch, train_loss, val_loss (per structure), val_rmse_percent,
+                         learning_rate, seconds
+    train.log            the same as text with timestamps, warnings and how to resume
     checkpoint_last.pt   the state after the latest checkpointed epoch
-    checkpoint_best.pt   the state after the epoch with the lowest validation loss
+    checkpoint_best.pt   the weights of the epoch with the lowest validation loss
                          (training loss without validation data)
 
-A checkpoint holds the model, optimizer and scheduler states, the epoch, the
-early-stopping counters, the history and every random state (torch, numpy,
-python ``random`` and the data loader's shuffling generator). A run
+``checkpoint_last.pt`` holds the model, optimizer and scheduler states, the
+epoch, the early-stopping counters, the history and every random state (torch,
+numpy, python ``random`` and the data loader's shuffling generator). A run
 interrupted and restarted with ``resume=True`` therefore ends with the same
 weights, bit for bit, as one that was never interrupted.
+``checkpoint_best.pt`` holds the weights and counters only (no optimizer state).
+
+Both are written atomically and hold only tensors and plain data (dicts, lists,
+numbers, strings), so they are read with ``torch.load(weights_only=True)``: a
+crafted file cannot run code, it is refused. Their format is versioned
+(:data:`CHECKPOINT_FORMAT`).
 """
 
 from __future__ import annotations
@@ -32,13 +40,17 @@ import torch
 from metatensor.learn.data import IndexedDataset
 
 from .data import make_dataloader
-from .files import atomic_path, write_json
+from .files import atomic_path, remove_stale_files, write_json
+from .runlog import run_log
 
 OPTIONS_FILE = "options.json"
 LOG_FILE = "log.csv"
 LAST_CHECKPOINT = "checkpoint_last.pt"
 BEST_CHECKPOINT = "checkpoint_best.pt"
-LOG_COLUMNS = ["epoch", "train_loss", "val_loss", "learning_rate", "seconds"]
+LOG_COLUMNS = ["epoch", "train_loss", "val_loss", "val_rmse_percent", "learning_rate", "seconds"]
+CHECKPOINT_FORMAT = "rholearn.checkpoint/2"
+"""Written into every checkpoint as ``"format"``; other versions are refused."""
+_STATE_KEYS = ("epoch", "best_loss", "best_epoch", "stale_epochs", "history")
 
 LossFunction = Callable[[Any, Any], torch.Tensor]
 """``loss_fn(prediction, batch) -> scalar``: the loss of a batch, summed over its
@@ -115,10 +127,29 @@ class TrainOptions:
         for name in ("epochs", "batch_size", "checkpoint_every", "lbfgs_max_iter"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        _check_device(self.device)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return getattr(torch, self.dtype)
+
+
+def _check_device(name: str) -> None:
+    """Raise a ``ValueError`` unless torch can use device ``name`` here."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:1', ...; got '{name}'") from error
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device '{name}': torch sees no GPU (torch.cuda.is_available() is False; "
+                "no CUDA device, or a CPU-only torch build); use device 'cpu'"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device '{name}': torch sees only {torch.cuda.device_count()} GPU(s)"
+            )
 
 
 def train(
@@ -129,6 +160,7 @@ def train(
     options: TrainOptions,
     run_dir: str,
     resume: bool = False,
+    val_spread: Optional[float] = None,
 ) -> List[Dict[str, float]]:
     """Train ``model`` and return the history, one dict per epoch.
 
@@ -152,14 +184,39 @@ def train(
         Output folder, created if needed.
     resume : bool
         Continue from ``run_dir/checkpoint_last.pt`` if it exists. Without it a
-        ``run_dir`` that already holds a checkpoint is refused.
+        ``run_dir`` that already holds a checkpoint is refused. Temporary files a
+        killed run left in ``run_dir`` and its subfolders are removed.
+    val_spread : float, optional
+        ``sum (c - c_base)^T S (c - c_base)`` over the validation structures;
+        with it and a loss summing ``dc^T S dc`` (:class:`rholearn.loss.OverlapLoss`),
+        each epoch also logs the validation % RMSE
+        ``100 sqrt(sum dc^T S dc / val_spread)`` (:mod:`rholearn.metrics`).
+
+    Progress goes to the ``rholearn`` logger: ``run_dir/train.log`` and, with
+    ``options.verbose``, stdout. On Ctrl-C the run stops with a message saying
+    how to resume it (from ``checkpoint_last.pt``) and ``KeyboardInterrupt`` is
+    raised again.
 
     Returns
     -------
     list of dict
         Per epoch (also those before a resume): ``epoch``, ``train_loss`` and
-        ``val_loss`` (per structure), ``learning_rate``, ``seconds``.
+        ``val_loss`` (per structure), ``val_rmse_percent``, ``learning_rate``,
+        ``seconds``.
     """
+    with run_log(run_dir, console=options.verbose) as log:
+        try:
+            return _train(model, loss_fn, train_data, val_data, options, run_dir, resume,
+                          val_spread, log)
+        except KeyboardInterrupt:
+            log.warning(
+                f"interrupted: '{run_dir}' keeps the last checkpointed epoch; continue with "
+                f"resume=True (rholearn train {run_dir}/options.yaml --resume)"
+            )
+            raise
+
+
+def _train(model, loss_fn, train_data, val_data, options, run_dir, resume, val_spread, log):
     os.makedirs(run_dir, exist_ok=True)
     last_path = os.path.join(run_dir, LAST_CHECKPOINT)
     if os.path.exists(last_path) and not resume:
@@ -167,6 +224,7 @@ def train(
             f"'{run_dir}' already holds a training run ('{last_path}'); pass "
             "resume=True to continue it or choose another run_dir"
         )
+    remove_stale_files(run_dir, subfolders=True)  # and the descriptor cache
     _seed_everything(options.seed)
     model.to(device=torch.device(options.device), dtype=options.torch_dtype)
     generator = torch.Generator().manual_seed(options.seed)
@@ -183,10 +241,16 @@ def train(
 
     if resume and os.path.exists(last_path):
         checkpoint = load_checkpoint(last_path, model, optimizer, scheduler, generator)
-        state = {name: checkpoint[name] for name in state}
+        state = {name: checkpoint[name] for name in _STATE_KEYS}
         _warn_if_options_changed(checkpoint["options"], options, last_path)
     write_json(os.path.join(run_dir, OPTIONS_FILE), dataclasses.asdict(options))
     _write_log(os.path.join(run_dir, LOG_FILE), state["history"])
+    if val_loader is None:
+        log.warning(
+            "no validation structures: the training loss picks the best epoch and drives "
+            "the scheduler and early stopping, and nothing measures overfitting"
+        )
+    n_val = 0 if val_data is None else len(val_data)
 
     run_epoch = _adam_epoch if options.optimizer == "adam" else _lbfgs_epoch
     for epoch in range(state["epoch"] + 1, options.epochs + 1):
@@ -208,20 +272,22 @@ def train(
             "epoch": epoch,
             "train_loss": train_loss,
             "val_loss": val_loss,
+            "val_rmse_percent": (
+                100 * math.sqrt(val_loss * n_val / val_spread) if val_spread else None
+            ),
             "learning_rate": optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - start,
         }
         improved = _record_epoch(state, record, monitored)
         _append_log(os.path.join(run_dir, LOG_FILE), record)
-        if options.verbose:
-            print(_progress_line(record, options.epochs, improved), flush=True)
+        log.info(_progress_line(record, options.epochs, improved))
 
-        checkpoint = _checkpoint(state, model, optimizer, scheduler, generator, options)
         if improved:
-            save_checkpoint(checkpoint, os.path.join(run_dir, BEST_CHECKPOINT))
+            save_checkpoint(_checkpoint(state, model), os.path.join(run_dir, BEST_CHECKPOINT))
         if epoch % options.checkpoint_every == 0 or epoch == options.epochs or _should_stop(
             state, options
         ):
+            checkpoint = _checkpoint(state, model, optimizer, scheduler, generator, options)
             save_checkpoint(checkpoint, last_path)
     return state["history"]
 
@@ -257,36 +323,93 @@ def load_checkpoint(
     Only ``model`` is needed to get trained weights back (for instance from
     ``checkpoint_best.pt``); the optimizer, scheduler, loader generator and
     the global random states are restored when ``generator`` is given, as
-    :func:`train` does to resume. Checkpoints are pickles: only load trusted
-    files.
+    :func:`train` does to resume (``checkpoint_last.pt`` only).
+
+    The file is read with ``torch.load(weights_only=True)``: tensors and plain
+    data only, nothing in it is executed.
+
+    Raises
+    ------
+    ValueError
+        Naming ``path``, if it is truncated, corrupt, not a checkpoint, of
+        another format version, or lacks the optimizer state asked for.
     """
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(checkpoint["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(checkpoint["scheduler"])
-    if generator is not None:
-        _set_random_states(checkpoint["random_states"], generator)
+    checkpoint = _read_checkpoint(path)
+    try:
+        model.load_state_dict(checkpoint["model"])
+        if optimizer is not None or scheduler is not None or generator is not None:
+            if "optimizer" not in checkpoint:
+                raise ValueError(
+                    "it holds weights only (no optimizer or random states); resume from "
+                    f"'{LAST_CHECKPOINT}'"
+                )
+            if optimizer is not None:
+                optimizer.load_state_dict(checkpoint["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(checkpoint["scheduler"])
+            if generator is not None:
+                _set_random_states(checkpoint["random_states"], generator)
+    except (KeyError, RuntimeError, ValueError, TypeError) as error:
+        raise ValueError(f"cannot resume from checkpoint '{path}': {error}") from error
     return checkpoint
 
 
-def _checkpoint(state, model, optimizer, scheduler, generator, options) -> Dict[str, Any]:
-    return {
-        **state,
+def _read_checkpoint(path: str) -> Dict[str, Any]:
+    """The checkpoint at ``path`` as plain data; errors name the file and say what to do."""
+    best = os.path.join(os.path.dirname(path), BEST_CHECKPOINT)
+    advice = (
+        "the run cannot be resumed from it: start again in a new run folder (or delete "
+        f"'{path}')"
+        + (f", or use the best weights so far in '{best}'" if path != best else "")
+    )
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # torch raises many types for bad files
+        first_line = str(error).strip().split("\n")[0].split(". ")[0]
+        raise ValueError(
+            f"cannot read checkpoint '{path}' (truncated, corrupt, or not a rholearn "
+            f"checkpoint: {type(error).__name__}: {first_line}); {advice}"
+        ) from error
+    version = checkpoint.get("format") if isinstance(checkpoint, dict) else None
+    if version != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"checkpoint '{path}' has format {version!r}, this rholearn reads "
+            f"{CHECKPOINT_FORMAT!r}; {advice}"
+        )
+    return checkpoint
+
+
+def _checkpoint(
+    state, model, optimizer=None, scheduler=None, generator=None, options=None
+) -> Dict[str, Any]:
+    """The checkpoint of the current state: weights and counters, and with an
+    ``optimizer`` everything needed to resume. Tensors and plain data only."""
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT,
+        **{name: state[name] for name in _STATE_KEYS},
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": None if scheduler is None else scheduler.state_dict(),
-        "random_states": _random_states(generator),
-        "options": dataclasses.asdict(options),
     }
+    if optimizer is not None:
+        checkpoint.update(
+            optimizer=optimizer.state_dict(),
+            scheduler=None if scheduler is None else scheduler.state_dict(),
+            random_states=_random_states(generator),
+            options=dataclasses.asdict(options),
+        )
+    return checkpoint
 
 
 def _random_states(generator: torch.Generator) -> Dict[str, Any]:
+    """Every random state as tensors and plain lists (loadable with weights_only)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     states = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
-        "python": random.getstate(),
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(position),
+                  int(has_gauss), float(cached_gaussian)],
+        "python": [version, list(internal), gauss_next],
         "loader": generator.get_state(),
     }
     if torch.cuda.is_available():
@@ -296,8 +419,11 @@ def _random_states(generator: torch.Generator) -> Dict[str, Any]:
 
 def _set_random_states(states: Dict[str, Any], generator: torch.Generator) -> None:
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
+    name, keys, position, has_gauss, cached_gaussian = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss,
+                         cached_gaussian))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     generator.set_state(states["loader"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -417,6 +543,9 @@ def _append_log(path: str, record: Dict[str, float]) -> None:
 def _progress_line(record: Dict[str, float], epochs: int, improved: bool) -> str:
     return (
         f"epoch {record['epoch']:>5}/{epochs}  train {record['train_loss']:.6e}  "
-        f"val {record['val_loss']:.6e}  lr {record['learning_rate']:.2e}  "
+        f"val {record['val_loss']:.6e}  "
+        + ("" if record.get("val_rmse_percent") is None
+           else f"val RMSE {record['val_rmse_percent']:.3f} %  ")
+        + f"lr {record['learning_rate']:.2e}  "
         f"{record['seconds']:.2f} s" + ("  *" if improved else "")
     )

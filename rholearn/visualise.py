@@ -1,4 +1,4 @@
-"""Per-structure errors as an interactive chemiscope map (https://chemiscope.org)."""
+"""Per-structure and per-atom errors as an interactive chemiscope map (https://chemiscope.org)."""
 
 from __future__ import annotations
 
@@ -6,12 +6,19 @@ from typing import Dict, List, Sequence
 
 import ase
 import chemiscope
+import numpy as np
 
 ERROR_UNITS = "%"
+ATOM_PREFIX = "atom_"
+"""Row entries starting with this (lists, one value per atom) become atom properties."""
 
 
 def write_chemiscope(
-    path: str, frames: Sequence[ase.Atoms], rows: List[Dict[str, object]], name: str = "rholearn"
+    path: str,
+    frames: Sequence[ase.Atoms],
+    rows: List[Dict[str, object]],
+    name: str = "rholearn",
+    description: str = "",
 ) -> None:
     """Write a chemiscope input file of structures and their errors.
 
@@ -23,23 +30,63 @@ def write_chemiscope(
     frames : sequence of ase.Atoms
         The structures, in the order of ``rows``.
     rows : list of dict
-        One dict per structure, e.g. ``workflow.evaluate(...)["structures"]``;
-        every numeric entry ending in ``_percent`` becomes a property (in %).
+        One dict per structure, e.g. ``workflow.evaluate(...)["structures"]``:
+        every numeric entry ending in ``_percent`` becomes a structure property
+        (in %), ``index`` and ``formula`` too, and every list-valued entry
+        starting with ``atom_`` (one value per atom, e.g. each atom's share of
+        the structure's error) an atom property. Structures are named by
+        ``atoms.info["name"]`` where set.
     name : str
-        Title of the dataset.
+        Title of the map.
+    description : str
+        Free text shown with the title (e.g. the model and dataset).
+
+    Notes
+    -----
+    The map opens with the first two errors on its axes (the relative L2 error
+    and, when present, the real-space L1 error against the RI density) and the
+    atoms coloured by their first atom property.
     """
     if len(frames) != len(rows):
         raise ValueError(f"{len(frames)} structures but {len(rows)} rows of errors")
-    names = [key for key, value in rows[0].items() if key.endswith("_percent")] if rows else []
-    properties = {
-        key: {
-            "target": "structure",
-            "values": [float(row[key]) for row in rows],
-            "units": ERROR_UNITS,
-        }
-        for key in names
+    errors = [key for key, value in rows[0].items() if key.endswith("_percent")
+              and not key.startswith(ATOM_PREFIX)] if rows else []
+    atom_keys = [key for key in rows[0] if key.startswith(ATOM_PREFIX)] if rows else []
+    properties: Dict[str, dict] = {
+        key: {"target": "structure", "values": [float(row[key]) for row in rows],
+              "units": ERROR_UNITS}
+        for key in errors
     }
     properties["index"] = {"target": "structure", "values": [int(row["index"]) for row in rows]}
+    properties["name"] = {
+        "target": "structure",
+        "values": [str(atoms.info.get("name", f"{row['index']}: {atoms.get_chemical_formula()}"))
+                   for atoms, row in zip(frames, rows)],
+    }
+    for key in atom_keys:
+        for atoms, row in zip(frames, rows):
+            if len(row[key]) != len(atoms):
+                raise ValueError(
+                    f"structure {row['index']}: '{key}' has {len(row[key])} values for "
+                    f"{len(atoms)} atoms"
+                )
+        properties[key] = {
+            "target": "atom",
+            "values": np.concatenate([np.asarray(row[key], dtype=float) for row in rows]),
+            "units": ERROR_UNITS if key.endswith("_percent") else "",
+        }
+    axes = (errors + ["index"])[:2] if errors else ["index", "index"]
+    settings: Dict[str, object] = {
+        "map": {"x": {"property": axes[0]}, "y": {"property": axes[1]},
+                "color": {"property": axes[0]}},
+    }
+    if atom_keys:
+        settings["structure"] = [{"color": {"property": atom_keys[0]}}]
     chemiscope.write_input(
-        path, structures=list(frames), metadata={"name": name}, properties=properties
+        path,
+        structures=list(frames),
+        metadata={"name": name, "description": description},
+        properties=properties,
+        environments=chemiscope.all_atomic_environments(list(frames)) if atom_keys else None,
+        settings=settings,
     )

@@ -5,13 +5,16 @@
 2. computes their targets with PySCF (PBE/def2-svp SCF, density fitted onto
    def2-universal-jkfit) into ``OUT/dataset`` (resumable: rerun and finished
    structures are skipped);
-3. trains a linear equivariant model on lambda-SOAP descriptors with the
-   overlap (real-space L2) loss into ``OUT/run``;
+3. trains the default model (sparse equivariant kernel on the contracted
+   lambda-SOAP, solved directly in the overlap metric, the regularisation chosen
+   on validation structures) into ``OUT/run``;
 4. prints the test-set errors (relative L2, SALTED % RMSE, real-space L1 against
-   the RI and the SCF densities) and writes them to ``OUT/test_errors.json`` and a
-   chemiscope map ``OUT/test_errors.chemiscope.json.gz``;
+   the RI and the SCF densities) and writes, in ``OUT/evaluation``, the errors
+   (``errors.json``), a chemiscope map with per-atom errors
+   (``errors.chemiscope.json.gz``), a parity plot (``parity.png``) and the
+   predicted coefficients of each test structure;
 5. predicts the density of a new water molecule without any SCF and writes it
-   as a cube file ``OUT/prediction/0/density.cube``.
+   as a cube file ``OUT/prediction/new-water/density.cube``.
 
 Run it with ``bash install/run-example.sh`` (which sets up ``.venv`` first) or
 ``python examples/water/run.py --help``.
@@ -19,17 +22,14 @@ Run it with ``bash install/run-example.sh`` (which sets up ``.venv`` first) or
 
 import argparse
 import functools
-import json
 import os
 import time
-
-import numpy as np
 
 from rhocalc.batch import run_batch
 from rhocalc.pyscf import PySCFOptions, basis_set, compute_targets
 from rhocalc.structures import distorted_waters
 from rholearn import workflow
-from rholearn.train import TrainOptions
+from rholearn.files import write_json
 from rholearn.visualise import write_chemiscope
 
 
@@ -39,7 +39,6 @@ def main():
     parser.add_argument("--n-structures", type=int, default=60)
     parser.add_argument("--n-train", type=int, default=40)
     parser.add_argument("--n-val", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=30, help="LBFGS epochs")
     parser.add_argument("--workers", type=int, default=2, help="processes for PySCF")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -47,6 +46,7 @@ def main():
 
     frames = distorted_waters(args.n_structures + 1, args.seed)
     new_structure, frames = frames[-1], frames[:-1]
+    new_structure.info["name"] = "new-water"  # the name of its prediction folder
     options = PySCFOptions(xc="PBE", basis="def2-svp", auxbasis="def2-universal-jkfit")
     dataset = os.path.join(args.out, "dataset")
 
@@ -61,26 +61,22 @@ def main():
     print(f"      {len(report.done)} computed, {len(report.skipped)} already there, "
           f"{len(report.failed)} failed", flush=True)
 
-    print("[2/4] training a linear model (lambda-SOAP, overlap loss, LBFGS)", flush=True)
+    print("[2/4] training the default model (kernel on lambda-SOAP, direct solve)", flush=True)
     start = time.perf_counter()
-    fit_options = workflow.FitOptions(
-        model="linear", loss="overlap", n_train=args.n_train, n_val=args.n_val,
-        split_seed=args.seed,
-        train=TrainOptions(
-            epochs=args.epochs, optimizer="lbfgs", learning_rate=1.0, batch_size=16,
-            scheduler=None, early_stopping_patience=10, checkpoint_every=5, verbose=False,
-            seed=args.seed,
-        ),
-    )
+    fit_options = workflow.FitOptions(n_train=args.n_train, n_val=args.n_val, split_seed=args.seed)
     result = workflow.fit(dataset, os.path.join(args.out, "run"), fit_options, resume=True)
     timings["training_seconds"] = time.perf_counter() - start
-    timings["seconds_per_epoch"] = float(np.mean([h["seconds"] for h in result.history]))
 
     print(f"[3/4] evaluating on {len(result.split['test'])} test structures", flush=True)
-    errors = workflow.evaluate(result.model, dataset, result.split["test"])
+    evaluation = os.path.join(args.out, "evaluation")
+    errors = workflow.evaluate(result.model, dataset, result.split["test"], out=evaluation)
     timings["predict_seconds_per_structure"] = errors["seconds"]["predict_per_structure"]
-    chemiscope_map = os.path.join(args.out, "test_errors.chemiscope.json.gz")
-    write_chemiscope(chemiscope_map, [frames[i] for i in result.split["test"]], errors["structures"])
+    chemiscope_map = os.path.join(evaluation, "errors.chemiscope.json.gz")
+    write_chemiscope(
+        chemiscope_map, [frames[i] for i in result.split["test"]], errors["structures"],
+        name="rholearn water example: test-set errors",
+        description=f"{len(result.split['train'])} training structures, default model",
+    )
 
     print("[4/4] predicting a new structure -> cube file", flush=True)
     start = time.perf_counter()
@@ -104,9 +100,9 @@ def main():
     for name, value in timings.items():
         print(f"  {name:<48s} {value:8.3f} s")
     print(f"Predicted density: {os.path.join(folders[0], 'density.cube')}")
-    print(f"Errors per structure: {chemiscope_map} (open at https://chemiscope.org)")
-    with open(os.path.join(args.out, "test_errors.json"), "w") as f:
-        json.dump({**errors, "timings": timings}, f, indent=1)
+    print(f"Errors per structure and atom: {chemiscope_map} (open at https://chemiscope.org)")
+    print(f"Parity plot: {os.path.join(evaluation, workflow.PARITY_PLOT)}")
+    write_json(os.path.join(evaluation, "errors.json"), {**errors, "timings": timings})
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from scipy.spatial import cKDTree
 
 from rholearn import layout
 from rholearn.basis import BasisSet, Shell
-from rhocalc.targets import Targets
+from rholearn.dataset import Targets
 
 from .inputs import ORBITAL_WEIGHTS
 from .order import AimsOrder, aims_order, check_flipped, from_aims, indexed_order

@@ -35,13 +35,11 @@ import ase
 import ase.io
 from ase.calculators.aims import AimsProfile
 
-from rhocalc.batch import (
-    BatchReport, Compute, DatasetError, exclusive_lock, read_structures, run_batch,
-    write_or_check_structures,
-)
-from rhocalc.structures import structure_name
-from rhocalc.targets import Targets
+from rhocalc.batch import BatchReport, Compute, run_batch
 from rholearn import layout
+from rholearn.dataset import (
+    DatasetError, Targets, check_structures, exclusive_lock, read_structures, structure_name,
+)
 from rholearn.basis import BasisSet
 from rholearn.files import write_json
 
@@ -61,6 +59,8 @@ RUNS_DIR = "aims-runs"
 OPTIONS_FILE = "options.json"
 TARGET_STEPS = ("scf", "ri")
 """The steps that make targets, in order (``rebuild`` is separate: :func:`rebuild`)."""
+DATASET_SETTINGS = {"backend": "aims"}
+"""The dataset's ``settings.json``: the method is guarded by ``aims-runs/options.json``."""
 
 
 class AimsRunError(RuntimeError):
@@ -300,7 +300,7 @@ def run_dataset(
     executor, n_workers, progress
         As in :func:`rhocalc.batch.run_batch`.
 
-    All of it holds :func:`rhocalc.batch.exclusive_lock` on ``out``, so a
+    All of it holds :func:`rholearn.dataset.exclusive_lock` on ``out``, so a
     concurrent run on the same folder is refused rather than racing.
 
     Returns
@@ -317,7 +317,8 @@ def run_dataset(
             return write_slurm_jobs(structures, runs, options, slurm)
         compute, basis = dataset_compute(structures, out, options, run=True)
         return run_batch(
-            structures, out, compute, basis, executor, n_workers, progress, locked=True
+            structures, out, compute, basis, executor, n_workers, progress,
+            settings=DATASET_SETTINGS, locked=True,
         )
 
 
@@ -331,13 +332,14 @@ def parse_dataset(
 
     Structures whose runs have not finished are recorded as failed (naming the
     step and folder); a rerun after more runs finish adds them. Holds
-    :func:`rhocalc.batch.exclusive_lock` on ``out`` throughout.
+    :func:`rholearn.dataset.exclusive_lock` on ``out`` throughout.
     """
     structures, options = read_runs(out)
     with exclusive_lock(out):
         compute, basis = dataset_compute(structures, out, options, run=False)
         return run_batch(
-            structures, out, compute, basis, executor, n_workers, progress, locked=True
+            structures, out, compute, basis, executor, n_workers, progress,
+            settings=DATASET_SETTINGS, locked=True,
         )
 
 
@@ -349,7 +351,7 @@ def dataset_compute(
     Prepares ``out/aims-runs`` and finds the product basis of every element
     from finished RI runs, running aims for one structure per element if
     ``run`` (then aims must be configured). Call it holding
-    :func:`rhocalc.batch.exclusive_lock` on ``out``, as :func:`run_dataset` does.
+    :func:`rholearn.dataset.exclusive_lock` on ``out``, as :func:`run_dataset` does.
     """
     if run:
         _required_command(options)
@@ -486,7 +488,7 @@ def prepare_runs(structures: Sequence[ase.Atoms], out: str, options: AimsOptions
             )
     else:
         write_json(options_path, recorded)
-    write_or_check_structures(out, structures)  # so that parse_dataset can read them
+    check_structures(out, structures)  # so that parse_dataset can read them
     return runs
 
 

@@ -11,7 +11,8 @@ import ase
 
 from rholearn import layout
 from rholearn.basis import BasisSet
-from rhocalc.batch import BatchReport, Compute, read_failures, read_structures, run_batch
+from rholearn.dataset import read_failures, read_structures
+from rhocalc.batch import BatchReport, Compute, run_batch
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:

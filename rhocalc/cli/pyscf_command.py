@@ -10,6 +10,12 @@ from typing import List
 import ase
 
 from rholearn.basis import BasisSet
+from rholearn.dataset import structure_name
+from rholearn.options import add_options_arguments, options_from_arguments
+from rhocalc.pyscf.options import PySCFOptions
+
+OPTIONS = PySCFOptions
+"""The options of this backend (``--options FILE``, ``-r``, flags; ``rhocalc defaults pyscf``)."""
 
 from . import batch_command
 
@@ -25,40 +31,27 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     batch_command.add_dataset_arguments(parser)
-    parser.add_argument("--xc", default="PBE", help="functional (libxc name), or HF")
-    parser.add_argument("--basis", default="def2-svp", help="orbital basis")
-    parser.add_argument(
-        "--auxbasis", default="def2-universal-jkfit", help="auxiliary (fitting) basis"
-    )
-    parser.add_argument(
-        "--metric", choices=["coulomb", "overlap"], default="coulomb",
-        help="density-fitting metric",
-    )
-    parser.add_argument(
-        "--constrain-electrons", action="store_true",
-        help="fitted density integrates exactly to the number of electrons",
-    )
-    parser.add_argument("--max-cycle", type=int, default=100, help="maximum SCF cycles")
-    parser.add_argument(
-        "--conv-tol", type=float, default=1e-9, help="SCF energy convergence (Hartree)"
-    )
+    add_options_arguments(parser, OPTIONS)
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``rhocalc pyscf``; returns the exit code."""
-    from rhocalc import pyscf  # imported here: `rhocalc --help` stays fast
+    from rhocalc import pyscf
+    from rhocalc.pyscf.molecule import check_structure
 
     try:
-        options = pyscf.PySCFOptions(
-            xc=args.xc, basis=args.basis, auxbasis=args.auxbasis, metric=args.metric,
-            constrain_electrons=args.constrain_electrons, max_cycle=args.max_cycle,
-            conv_tol=args.conv_tol,
-        )
+        options = options_from_arguments(OPTIONS, args)
     except ValueError as error:
         print(f"rhocalc pyscf: error: {error}", file=sys.stderr)
         return 2
     structures = batch_command.structures_of(args)
+    try:  # before any SCF: a bad structure is bad input, not a failure to retry
+        for index, atoms in enumerate(structures):
+            check_structure(atoms, f"structure {index} ({structure_name(atoms)})")
+    except ValueError as error:
+        print(f"rhocalc pyscf: error: {args.structures}: {error}", file=sys.stderr)
+        return 2
     basis = _covered_basis(options.auxbasis, structures)
     compute = functools.partial(pyscf.compute_targets, options=options)
     return batch_command.run_and_summarise(

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import warnings
+from typing import Dict, Iterable
 
 import ase
+import numpy as np
 from pyscf import gto
 from pyscf.lib.exceptions import BasisNotFoundError
 
@@ -12,21 +14,22 @@ from rholearn.basis import BasisSet
 
 from .basis import pyscf_basis
 
+MIN_DISTANCE = 0.3
+"""Angstrom: atoms closer than this are refused as overlapping. The shortest
+chemical bond (H2) is 0.74 Angstrom; strongly distorted training structures may
+come closer, but nuclei nearer than this make the orbital basis nearly linearly
+dependent (PySCF then fails with a singular matrix) and are a unit or input error."""
 
-def ao_molecule(atoms: ase.Atoms, basis: str, where: str = "structure") -> gto.Mole:
-    """The molecule with its orbital basis, charge and spin.
 
-    Positions are read from ``atoms`` in Angstrom. The charge is
-    ``atoms.info["charge"]`` and the spin (number of unpaired electrons, ``2S``)
-    ``atoms.info["spin"]``, both 0 by default.
+def check_structure(atoms: ase.Atoms, where: str = "structure") -> None:
+    """Refuse, before any calculation, a structure the PySCF backend cannot compute.
 
     Raises
     ------
-    KeyError
-        An element is not in ``basis``; names ``where``, element and basis.
     ValueError
-        Charge and spin are inconsistent with the number of electrons, or the
-        structure is periodic (this backend is molecular only).
+        Naming ``where`` and the cause: periodic; two atoms closer than
+        :data:`MIN_DISTANCE` (naming both, with their distance); or an electron
+        count whose parity does not match ``atoms.info["spin"]``.
     """
     if atoms.pbc.any():
         raise ValueError(
@@ -34,8 +37,54 @@ def ao_molecule(atoms: ase.Atoms, basis: str, where: str = "structure") -> gto.M
             "computes isolated molecules only: set atoms.pbc = False, or use the "
             "FHI-aims backend for periodic systems"
         )
+    if len(atoms) > 1:
+        distances = np.linalg.norm(atoms.positions[:, None] - atoms.positions[None], axis=-1)
+        distances[np.diag_indices(len(atoms))] = np.inf
+        i, j = np.unravel_index(np.argmin(distances), distances.shape)
+        if distances[i, j] < MIN_DISTANCE:
+            symbols = atoms.get_chemical_symbols()
+            raise ValueError(
+                f"{where}: atoms {min(i, j)} ({symbols[min(i, j)]}) and {max(i, j)} "
+                f"({symbols[max(i, j)]}) are {distances[i, j]:.3f} Angstrom apart, closer "
+                f"than {MIN_DISTANCE} Angstrom: overlapping atoms (positions in Angstrom?)"
+            )
+    charge, spin = int(atoms.info.get("charge", 0)), int(atoms.info.get("spin", 0))
+    n_electrons = int(atoms.numbers.sum()) - charge  # ECP cores hold even counts
+    if (n_electrons - spin) % 2:
+        raise ValueError(
+            f"{where}: {n_electrons} electrons (charge {charge}) cannot have spin {spin} "
+            "(the number of unpaired electrons, 2S): set atoms.info['spin'] (1 for a "
+            "doublet) or atoms.info['charge']"
+        )
+
+
+def ecp_of(basis: str, elements: Iterable[str]) -> Dict[str, str]:
+    """The effective core potentials that orbital basis ``basis`` defines for
+    ``elements``: ``{symbol: basis}`` (e.g. def2 bases beyond Kr), empty for an
+    all-electron basis."""
+    return {s: basis for s in sorted(set(elements)) if gto.basis.load_ecp(basis, s)}
+
+
+def ao_molecule(atoms: ase.Atoms, basis: str, where: str = "structure") -> gto.Mole:
+    """The molecule with its orbital basis, its ECPs, charge and spin.
+
+    Positions are read from ``atoms`` in Angstrom. The charge is
+    ``atoms.info["charge"]`` and the spin (number of unpaired electrons, ``2S``)
+    ``atoms.info["spin"]``, both 0 by default. Elements for which ``basis``
+    defines an effective core potential get it (:func:`ecp_of`): their core
+    electrons are not explicit, ``mol.nelectron`` counts the valence only.
+
+    Raises
+    ------
+    KeyError
+        An element is not in ``basis``; names ``where``, element and basis.
+    ValueError
+        See :func:`check_structure`.
+    """
+    check_structure(atoms, where)
     molecule = _molecule(atoms)
     molecule.basis = basis
+    molecule.ecp = ecp_of(basis, atoms.get_chemical_symbols())
     molecule.charge = int(atoms.info.get("charge", 0))
     molecule.spin = int(atoms.info.get("spin", 0))
     try:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from typing import Optional
+
+from ase.data import chemical_symbols
 
 from pyscf import dft, gto
 from pyscf.lib.exceptions import BasisNotFoundError
@@ -89,14 +92,25 @@ class PySCFOptions:
         """The options as a JSON-serialisable dict."""
         return dataclasses.asdict(self)
 
+    @property
+    def ecp(self) -> Optional[str]:
+        """The effective core potentials used: ``basis``'s own, for the elements it
+        defines them for (def2 bases: beyond Kr); ``None`` for an all-electron basis."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if any(gto.basis.load_ecp(self.basis, s) for s in chemical_symbols[1:]):
+                return self.basis
+        return None
+
     def dataset_settings(self) -> dict:
         """The options that define converged targets, for ``run_batch(settings=...)``:
         all but the SCF convergence controls (``conv_tol``, ``max_cycle``) and the
-        diagnostics grid, which may change between reruns of a dataset."""
+        diagnostics grid, which may change between reruns of a dataset; and the
+        ECPs (:attr:`ecp`)."""
         settings = self.to_dict()
         for name in ("conv_tol", "max_cycle", "grid_level"):
             del settings[name]
-        return {"backend": "pyscf", **settings}
+        return {"backend": "pyscf", **settings, "ecp": self.ecp}
 
 
 def _check_library_basis(option: str, name: str) -> None:

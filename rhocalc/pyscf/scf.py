@@ -8,7 +8,7 @@ import ase
 import numpy as np
 from pyscf import dft, scf
 
-from rhocalc.structures import structure_name
+from rholearn.dataset import structure_name
 
 from .molecule import ao_molecule
 from .options import PySCFOptions
@@ -24,7 +24,9 @@ def run_scf(
     """Run a converged Hartree-Fock or Kohn-Sham calculation.
 
     Restricted for ``spin == 0``, unrestricted otherwise (charge and spin from
-    ``atoms.info``, see :func:`~rhocalc.pyscf.molecule.ao_molecule`).
+    ``atoms.info``). Elements for which the orbital basis defines an effective
+    core potential (def2 beyond Kr) get it, so ``mf.mol.nelectron`` counts the
+    valence electrons only (see :func:`~rhocalc.pyscf.molecule.ao_molecule`).
 
     Parameters
     ----------
@@ -46,6 +48,9 @@ def run_scf(
         Naming the structure and the number of cycles.
     KeyError
         An element is missing from ``options.basis``.
+    ValueError
+        Before any SCF: overlapping atoms, or charge and spin that do not fit the
+        electron count (:func:`~rhocalc.pyscf.molecule.check_structure`).
     """
     where = structure_name(atoms, name)
     molecule = ao_molecule(atoms, options.basis, where)

@@ -10,15 +10,14 @@ import numpy as np
 
 from rholearn import layout
 from rholearn.basis import BasisSet
-from rhocalc import realspace
-from rhocalc.structures import structure_name
-from rhocalc.targets import Targets
+from rholearn.dataset import Targets, structure_name
 
-from . import order
+from . import order, realspace
 from .basis import basis_set
 from .fit import fit_density, function_integrals
 from .molecule import aux_molecule
 from .options import PySCFOptions
+from .overlap import pair_overlap
 from .scf import run_scf, total_density_matrix
 
 UNITS = {
@@ -61,6 +60,9 @@ def compute_targets(
 
         - ``energy_hartree``, ``converged``, ``n_scf_cycles``: the SCF;
         - ``n_electrons``: electrons of the SCF (explicit ones, with ECPs);
+        - ``ecp``: ``{element: basis}`` of the effective core potentials used (the
+          orbital basis's own, e.g. def2 beyond Kr), and ``n_core_electrons`` they
+          replace: the fitted density is then the valence density;
         - ``n_electrons_fitted``: exact integral of the fitted density;
         - ``n_electrons_scf_grid``, ``n_electrons_fitted_grid``: the same on the grid;
         - ``fit_l1_error_percent``: ``100 * integral |rho_fit - rho_scf| / N``;
@@ -94,7 +96,9 @@ def compute_targets(
         scf.mol, total_density_matrix(scf), aux, options.metric, options.constrain_electrons
     )
     coefficients = order.vector_to_canonical(pyscf_coefficients, aux)
-    overlap = order.matrix_to_canonical(aux.intor("int1e_ovlp", hermi=1), aux)
+    overlap, projections = pair_overlap(
+        atoms, aux, basis, system, options.overlap_threshold, coefficients
+    )
     n_electrons_fitted = float(function_integrals(aux) @ pyscf_coefficients)
     fit_seconds = time.perf_counter() - start
 
@@ -113,6 +117,8 @@ def compute_targets(
         "converged": bool(scf.converged),
         "n_scf_cycles": int(scf.cycles),
         "n_electrons": int(scf.mol.nelectron),
+        "ecp": {symbol: options.basis for symbol in sorted(scf.mol.ecp)},
+        "n_core_electrons": int(sum(scf.mol.atom_nelec_core(i) for i in range(scf.mol.natm))),
         "n_electrons_fitted": n_electrons_fitted,
         **diagnostics,
         "n_aux_functions": int(aux.nao),
@@ -124,10 +130,8 @@ def compute_targets(
     }
     return Targets(
         coefficients=layout.vector_to_tensormap(coefficients, numbers, basis, system),
-        projections=layout.vector_to_tensormap(overlap @ coefficients, numbers, basis, system),
-        overlap=layout.matrix_to_pair_tensormap(
-            overlap, numbers, basis, system, options.overlap_threshold
-        ),
+        projections=layout.vector_to_tensormap(projections, numbers, basis, system),
+        overlap=overlap,
         info=info,
     )
 

@@ -2,7 +2,10 @@
 
 from .baseline import Baseline
 from .density_model import DensityModel
+from .kernel import KernelFeatures, KernelModel
 from .linear import LinearModel
 from .nonlinear import NonlinearModel
 
-__all__ = ["Baseline", "DensityModel", "LinearModel", "NonlinearModel"]
+__all__ = [
+    "Baseline", "DensityModel", "KernelFeatures", "KernelModel", "LinearModel", "NonlinearModel"
+]

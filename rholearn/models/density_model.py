@@ -1,34 +1,51 @@
 """The user-facing model: structures in, density coefficients out.
 
 A :class:`DensityModel` bundles everything a prediction needs: the target
-:class:`~rholearn.basis.BasisSet`, the lambda-SOAP hypers, the network (linear or
-nonlinear) and the invariant baseline. :meth:`DensityModel.save` writes all of it
-as plain data in one ``torch.save`` file.
+:class:`~rholearn.basis.BasisSet`, the lambda-SOAP descriptor (its hypers and
+fitted contraction), the network (linear or nonlinear) and the invariant
+baseline. :meth:`DensityModel.save` writes all of it as plain data in one
+``torch.save`` file.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import ase
 import ase.data
 import torch
-from metatensor.torch import TensorMap
+from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import System
 
 from ..basis import BasisSet
-from ..descriptors import DEFAULT_HYPERS, LambdaSoap
+from ..descriptors import DEFAULT_HYPERS, Descriptor, make_descriptor
+from ..descriptors.base import check_system_ids, renumber_systems
+from ..descriptors.contracted import ContractedLambdaSoapModule
 from ..files import atomic_path
 from .baseline import Baseline
+from .kernel import KernelModel
 from .linear import LinearModel
 from .nonlinear import NonlinearModel
 
-NETS = {"linear": LinearModel, "nonlinear": NonlinearModel}
+NETS = {"linear": LinearModel, "nonlinear": NonlinearModel, "kernel": KernelModel}
 """Network kinds by name, as stored in saved models."""
 
-FILE_FORMAT = "rholearn.DensityModel/1"
+FILE_FORMAT = "rholearn.DensityModel/2"
+"""Format of saved models; ``/2`` added the descriptor kind, options and state."""
+
+OLD_FILE_FORMATS = {"rholearn.DensityModel/1": "stock"}
+"""Older formats still read, with the descriptor they were written with."""
+
+PREDICT_CHUNK = 256
+"""Atoms per features + network step of a prediction with the contracted descriptor."""
+
+DEFAULT_DESCRIPTOR = "contracted"
+"""Descriptor of new models: see :mod:`rholearn.descriptors` (the contracted one
+was at least as accurate as the stock one on the strongly distorted waters,
+``benchmarks/descriptor_accuracy.py``, and is 100-200x faster to predict)."""
 
 Key = Tuple[int, int, int]
 
@@ -50,6 +67,11 @@ class DensityModel(torch.nn.Module):
         :meth:`Baseline.from_coefficients` of the training targets); copied.
     dtype : torch.dtype
     device : torch.device or str, optional
+    descriptor : {"contracted", "stock"}
+        Lambda-SOAP calculator, see :data:`rholearn.descriptors.DESCRIPTORS`; a
+        contracted one is fitted to training structures by :meth:`fit_descriptor`.
+    descriptor_options : dict, optional
+        Passed to the descriptor (``n_channels`` for ``"contracted"``).
     **model_options
         Passed to the network constructor (``seed``, ``hidden_sizes``, ``width``).
     """
@@ -62,6 +84,8 @@ class DensityModel(torch.nn.Module):
         baseline: Optional[Baseline] = None,
         dtype: torch.dtype = torch.float64,
         device: Optional[torch.device] = None,
+        descriptor: str = DEFAULT_DESCRIPTOR,
+        descriptor_options: Optional[dict] = None,
         **model_options,
     ):
         super().__init__()
@@ -73,7 +97,13 @@ class DensityModel(torch.nn.Module):
         self.model_options = dict(model_options)
         self.keys: List[Key] = basis.keys()
         self.atom_types = [ase.data.atomic_numbers[s] for s in basis.elements]
-        self._descriptor = LambdaSoap(self.hypers, self.atom_types, self.keys, dtype, device)
+        self.descriptor_kind = descriptor
+        self._scripted: Optional[tuple] = None  # see _pipeline
+        self.descriptor_options = dict(descriptor_options or {})
+        self._descriptor = make_descriptor(
+            descriptor, self.hypers, self.atom_types, self.keys, dtype, device,
+            **self.descriptor_options,
+        )
         n_features = self._descriptor.n_features()
         self.in_features = [n_features[key] for key in self.keys]
         self.out_features = [
@@ -99,13 +129,19 @@ class DensityModel(torch.nn.Module):
         return next(self.net.parameters()).device
 
     @property
-    def descriptor(self) -> LambdaSoap:
+    def descriptor(self) -> Descriptor:
         """The lambda-SOAP calculator, with the dtype and device of the network."""
         if (self._descriptor.dtype, self._descriptor.device) != (self.dtype, self.device):
-            self._descriptor = LambdaSoap(
-                self.hypers, self.atom_types, self.keys, self.dtype, self.device
-            )
+            self._descriptor = self._descriptor.to(self.dtype, self.device)
         return self._descriptor
+
+    def fit_descriptor(self, frames: Sequence[ase.Atoms]) -> None:
+        """Fit the descriptor to training structures (Angstrom); a no-op for ``"stock"``.
+
+        Call before computing training descriptors: it changes their values (not
+        their number).
+        """
+        self.descriptor.fit(frames)
 
     def forward(self, descriptor: TensorMap) -> TensorMap:
         """Coefficients (baseline included) from a lambda-SOAP TensorMap.
@@ -125,11 +161,41 @@ class DensityModel(torch.nn.Module):
         (default ``0 .. len(frames) - 1``). A structure with an element the model
         was not trained on raises a ``ValueError`` naming it.
         """
-        ids = range(len(frames)) if system_ids is None else system_ids
+        ids = check_system_ids(frames, system_ids)
         for system_id, atoms in zip(ids, frames):
             self._check_elements(atoms, f"structure {system_id}")
         with torch.no_grad():
-            return self(self.descriptor.compute(frames, system_ids))
+            coefficients = self._pipeline()(self.descriptor.systems(frames))
+        return renumber_systems(coefficients, ids)
+
+    def __getstate__(self) -> dict:
+        """Pickle without the scripted pipeline (TorchScript modules do not pickle)."""
+        return {**self.__dict__, "_scripted": None}
+
+    def _pipeline(self) -> torch.nn.Module:
+        """Descriptor, network and baseline as one TorchScript module.
+
+        Scripted on first use (~0.1 s) and again only when the model's tensors
+        are replaced (e.g. by :meth:`to`); it shares the tensors, so in-place
+        updates (training, :meth:`fit_descriptor`) need no rebuild. Running it
+        costs a fraction of the eager modules' Python overhead (a network that
+        does not script runs eagerly, with a warning).
+        """
+        descriptor = self.descriptor
+        modules = (self.net, self.baseline, descriptor.module)
+        tensors = [t for module in modules for t in (*module.parameters(), *module.buffers())]
+        key = (id(descriptor.module), tuple((id(t), t.data_ptr()) for t in tensors))
+        if self._scripted is None or self._scripted[0] != key:
+            pipeline = self.pipeline()
+            try:
+                pipeline = torch.jit.script(pipeline)
+            except Exception as error:  # TorchScript raises many types
+                warnings.warn(
+                    f"predicting with eager modules (several times slower): the "
+                    f"'{self.model_type}' model does not script: {error}", stacklevel=3,
+                )
+            self._scripted = (key, pipeline)
+        return self._scripted[1]
 
     # ------------------------------------------------------------- checks ---
     def check_targets(self, targets, where: str = "targets") -> None:
@@ -188,6 +254,9 @@ class DensityModel(torch.nn.Module):
             "format": FILE_FORMAT,
             "basis": self.basis.to_dict(),
             "hypers": self.hypers,
+            "descriptor": self.descriptor_kind,
+            "descriptor_options": self.descriptor_options,
+            "descriptor_state": self.descriptor.state(),
             "model": self.model_type,
             "model_options": self.model_options,
             "dtype": str(self.dtype).replace("torch.", ""),
@@ -207,9 +276,16 @@ class DensityModel(torch.nn.Module):
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # torch raises many types here
             raise ValueError(f"cannot read model file '{path}': {error}") from error
-        if not isinstance(state, dict) or state.get("format") != FILE_FORMAT:
-            raise ValueError(f"'{path}' is not a rholearn model file ({FILE_FORMAT})")
+        if not isinstance(state, dict) or (
+            state.get("format") != FILE_FORMAT and state.get("format") not in OLD_FILE_FORMATS
+        ):
+            found = state.get("format") if isinstance(state, dict) else None
+            raise ValueError(
+                f"'{path}' is not a rholearn model file this rholearn reads (format {found!r}; "
+                f"known: {[FILE_FORMAT, *OLD_FILE_FORMATS]}): update rholearn, or retrain"
+            )
         dtype = getattr(torch, state["dtype"])
+        descriptor = state.get("descriptor", OLD_FILE_FORMATS.get(state["format"]))
         model = cls(
             BasisSet.from_dict(state["basis"]),
             hypers=state["hypers"],
@@ -217,8 +293,14 @@ class DensityModel(torch.nn.Module):
             baseline=Baseline(state["baseline"], dtype, device),
             dtype=dtype,
             device=device,
+            descriptor=descriptor,
+            descriptor_options=state.get("descriptor_options", {}),
             **state["model_options"],
         )
+        try:
+            model.descriptor.load_state(state.get("descriptor_state", {}))
+        except ValueError as error:
+            raise ValueError(f"model file '{path}': {error}") from error
         if model.in_features != state["in_features"]:
             raise ValueError(
                 f"model file '{path}': the descriptor now has {model.in_features} "
@@ -236,8 +318,17 @@ class DensityModel(torch.nn.Module):
         ``system`` samples are ``0 .. len(systems) - 1``. It runs on the device
         the model was on when exported.
         """
-        exported = _ScriptableModel(self.descriptor.module, self.net, self.baseline)
-        torch.jit.save(torch.jit.script(exported), path)
+        torch.jit.save(torch.jit.script(self.pipeline()), path)
+
+    def pipeline(self) -> torch.nn.Module:
+        """Descriptor, network and baseline as one TorchScript-compatible module
+        (not scripted): ``List[System] -> TensorMap`` of coefficients, ``system``
+        samples ``0 .. len(systems) - 1``; it shares this model's tensors.
+        :meth:`export` and :func:`rholearn.export.export_atomistic` save it."""
+        module = self.descriptor.module
+        if isinstance(module, ContractedLambdaSoapModule):
+            return _ChunkedModel(module, self.net, self.baseline, PREDICT_CHUNK)
+        return _ScriptableModel(module, self.net, self.baseline)
 
 
 class _ScriptableModel(torch.nn.Module):
@@ -251,6 +342,61 @@ class _ScriptableModel(torch.nn.Module):
 
     def forward(self, systems: List[System]) -> TensorMap:
         return self.baseline(self.net(self.descriptor(systems)))
+
+
+class _ChunkedModel(torch.nn.Module):
+    """The pipeline with a contracted lambda-SOAP, ``chunk`` atoms at a time.
+
+    The contracted density of all atoms is computed at once (small); features,
+    network and baseline run on ``chunk`` atoms at a time, so a large system
+    never holds all its features (~0.1 MiB per atom in float64).
+    """
+
+    def __init__(
+        self, descriptor: ContractedLambdaSoapModule, net: torch.nn.Module, baseline: Baseline,
+        chunk: int,
+    ):
+        super().__init__()
+        self.descriptor = descriptor
+        self.net = net
+        self.baseline = baseline
+        self.chunk = chunk
+
+    def forward(self, systems: List[System]) -> TensorMap:
+        density, type_index, system_atom = self.descriptor.density(systems)
+        parts: List[TensorMap] = []
+        for start in range(0, max(1, density.shape[0]), self.chunk):
+            stop = start + self.chunk
+            features = self.descriptor.features(
+                density[start:stop], type_index[start:stop], system_atom[start:stop]
+            )
+            parts.append(self.baseline(self.net(features)))
+        return parts[0] if len(parts) == 1 else _join_samples(parts)
+
+
+def _join_samples(parts: List[TensorMap]) -> TensorMap:
+    """Blocks with the same key stacked along samples, in the order of ``parts``."""
+    all_keys = torch.cat([part.keys.values for part in parts])
+    keys = torch.unique(all_keys, dim=0)
+    blocks: List[TensorBlock] = []
+    for row in keys:
+        found: List[TensorBlock] = []
+        for part in parts:
+            for index in range(len(part.keys)):
+                if bool(torch.equal(part.keys.values[index], row)):
+                    found.append(part.block_by_id(index))
+        first = found[0]
+        blocks.append(
+            TensorBlock(
+                values=torch.cat([block.values for block in found]),
+                samples=Labels(
+                    first.samples.names, torch.cat([block.samples.values for block in found])
+                ),
+                components=first.components,
+                properties=first.properties,
+            )
+        )
+    return TensorMap(Labels(parts[0].keys.names, keys), blocks)
 
 
 def _to_cpu(value):

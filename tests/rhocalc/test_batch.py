@@ -6,6 +6,10 @@ import functools
 import json
 import multiprocessing
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import ase.build
 import ase.io
@@ -15,9 +19,10 @@ import pytest
 
 from rholearn import layout
 from rholearn.basis import BasisSet
-from rhocalc.batch import DatasetError, read_failures, read_structures, run_batch
+from rholearn.dataset import DatasetError, Targets, read_failures, read_structures
+from rhocalc.batch import run_batch
 from rhocalc.pyscf import PySCFOptions, basis_set, compute_targets
-from rhocalc.targets import Targets
+from rhocalc.structures import distorted_waters
 
 # Hartree-Fock in minimal bases: the SCF costs a fraction of a second
 OPTIONS = PySCFOptions(xc="HF", basis="sto-3g", auxbasis="cc-pvdz-jkfit", grid_level=0)
@@ -106,6 +111,7 @@ def test_refuses_other_structures_or_basis(serial_dataset):
     assert dataset_files(out) == before
 
 
+@pytest.mark.slow
 def test_process_pool_gives_the_serial_results(serial_dataset, tmp_path):
     out, _ = serial_dataset
     context = multiprocessing.get_context("spawn")
@@ -215,3 +221,124 @@ def test_unreadable_structure_files_are_named(tmp_path):
     assert len(read_structures(str(tmp_path / "two.xyz"), index="1")) == 1
     with pytest.raises(DatasetError, match="two.xyz"):
         read_structures(str(tmp_path / "two.xyz"), index="5")
+
+
+def test_deleted_settings_are_rebuilt_from_the_structures(serial_dataset, tmp_path):
+    out = str(tmp_path / "dataset")
+    run_batch(molecules()[:1], out, COMPUTE, BASIS, progress=False,
+              settings=OPTIONS.dataset_settings())
+    os.remove(os.path.join(out, "settings.json"))
+    other = PySCFOptions(xc="PBE", basis="sto-3g", auxbasis="cc-pvdz-jkfit", grid_level=0)
+    with pytest.raises(DatasetError, match=r"0/info.json' was made with other settings \(xc: "
+                                           r"'HF' there, 'PBE' requested"):
+        run_batch(molecules()[:1], out, functools.partial(compute_targets, options=other),
+                  BASIS, progress=False, settings=other.dataset_settings())
+    assert not os.path.exists(os.path.join(out, "settings.json"))
+    # the same settings pass, and are recorded again
+    run_batch(molecules()[:1], out, COMPUTE, BASIS, progress=False,
+              settings=OPTIONS.dataset_settings())
+    with open(os.path.join(out, "settings.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(OPTIONS.dataset_settings()))
+
+
+NO_MAIN_GUARD = """
+import functools, sys
+import ase.build
+from rhocalc.batch import run_batch
+from rhocalc.pyscf import PySCFOptions, basis_set, compute_targets
+from rhocalc.structures import distorted_waters
+
+options = PySCFOptions(xc="HF", basis="sto-3g", auxbasis="cc-pvdz-jkfit", grid_level=0)
+report = run_batch(
+    [ase.build.molecule("H2O"), ase.build.molecule("NH3")], sys.argv[1],
+    functools.partial(compute_targets, options=options),
+    basis_set(options.auxbasis, ["H", "N", "O"]), n_workers=2, progress=False,
+)
+print("failed:", report.failed)
+"""
+
+
+@pytest.mark.slow
+def test_a_script_without_main_guard_is_told_to_add_one(tmp_path):
+    script = tmp_path / "no_guard.py"
+    script.write_text(NO_MAIN_GUARD)
+    out = str(tmp_path / "dataset")
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, str(script), out], capture_output=True, text=True,
+                            timeout=300, env=environment)
+    assert "run_batch was called again in a worker process" in result.stderr
+    assert 'if __name__ == "__main__":' in result.stderr
+    assert "failed: [0, 1]" in result.stdout  # the parent records them, with the hint
+    for failure in read_failures(out).values():
+        assert failure.error == "BrokenProcessPool" and "calling script" in failure.reason
+
+
+def children(pid):
+    """Pids of the live (not zombie) processes whose parent is ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc (Linux)")
+def test_workers_end_when_their_parent_is_killed(tmp_path):
+    molecules_file = str(tmp_path / "molecules.xyz")
+    ase.io.write(molecules_file, [ase.build.molecule(n) for n in ["C6H6"] * 6])
+    out = str(tmp_path / "out")
+    command = [sys.executable, "-m", "rhocalc.cli", "pyscf", molecules_file, "--out", out,
+               "--workers", "2", "--xc", "HF", "--basis", "sto-3g", "--auxbasis",
+               "cc-pvdz-jkfit", "--quiet"]
+    environment = dict(os.environ, OMP_NUM_THREADS="1")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               env=environment)
+    deadline = time.monotonic() + 120
+    workers = []
+    while len(workers) < 2:  # two workers (and multiprocessing's resource tracker)
+        assert process.poll() is None, "rhocalc exited before starting its workers"
+        assert time.monotonic() < deadline, "no workers started within 120 s"
+        time.sleep(0.1)
+        workers = children(process.pid)
+    time.sleep(1.0)  # into their imports or calculations
+    workers = children(process.pid)
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 10
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    survivors = [pid for pid in workers if alive(pid)]
+    for pid in survivors:  # don't leave them behind if the test fails
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"worker processes {survivors} outlived their parent"
+
+
+@pytest.mark.slow
+def test_the_readme_python_example_runs_as_a_script(tmp_path):
+    readme = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+    with open(readme) as f:
+        section = f.read().split("## Python\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    (tmp_path / "example.py").write_text(code)
+    ase.io.write(str(tmp_path / "structures.xyz"), distorted_waters(10, seed=4))
+    ase.io.write(str(tmp_path / "new.xyz"), distorted_waters(1, seed=5))
+    result = subprocess.run([sys.executable, "example.py"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr
+    assert "relative_l2_percent" in result.stdout
+    assert read_failures(str(tmp_path / "dataset")) == {}
+    assert os.path.exists(tmp_path / "predictions" / "water-0" / "density.cube")  # info["name"]

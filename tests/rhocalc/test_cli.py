@@ -1,5 +1,6 @@
 """The ``rhocalc`` command line, end to end with the PySCF backend."""
 
+import json
 import os
 import subprocess
 import sys
@@ -11,9 +12,8 @@ import metatensor
 import pytest
 
 from rholearn import layout
-from rhocalc.batch import read_failures
+from rholearn.dataset import Targets, read_failures
 from rhocalc.cli import main
-from rhocalc.targets import Targets
 
 # Hartree-Fock in a minimal basis: about a second per molecule
 FAST = ["--xc", "HF", "--basis", "sto-3g", "--auxbasis", "cc-pvdz-jkfit", "--quiet"]
@@ -69,6 +69,7 @@ def test_end_to_end_with_a_failed_structure(tmp_path, capsys, monkeypatch):
     assert "structures.xyz" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_gives_the_uninterrupted_result(tmp_path):
     names = ["H2O", "NH3", "CH4", "HCN"]
     molecules = write_molecules(tmp_path / "molecules.xyz", names)
@@ -115,3 +116,20 @@ def test_a_rerun_with_another_method_is_refused(tmp_path, capsys):
     assert main(["pyscf", molecules, "--out", out, *FAST, "--xc", "PBE"]) == 2
     error = capsys.readouterr().err
     assert "settings.json" in error and "xc: 'HF' there, 'PBE' requested" in error
+
+
+def test_heavy_elements_use_the_effective_core_potential_of_the_basis(tmp_path):
+    # HI in PBE/def2-svp: iodine's 28 core electrons are in def2's ECP, 26 are explicit
+    structures = str(tmp_path / "hi.xyz")
+    ase.io.write(structures, ase.Atoms("HI", positions=[[0, 0, 0], [0, 0, 1.61]]))
+    out = str(tmp_path / "out")
+    assert main(["pyscf", structures, "--out", out, "--quiet"]) == 0
+    with open(os.path.join(out, "settings.json")) as f:
+        assert json.load(f)["ecp"] == "def2-svp"
+    info = Targets.read(layout.structure_dir(out, 0)).info
+    assert info["ecp"] == {"I": "def2-svp"}
+    assert info["n_electrons"] == 26 and info["n_core_electrons"] == 28
+    assert info["energy_hartree"] == pytest.approx(-298.28, abs=0.01)  # all-electron: -1999.9
+    # the fitted density is the valence density
+    assert info["n_electrons_fitted"] == pytest.approx(26, abs=0.01)
+    assert info["n_electrons_scf_grid"] == pytest.approx(26, abs=0.01)

@@ -9,13 +9,15 @@ import numpy as np
 import pytest
 import scipy.linalg
 from pyscf import df
+from pyscf.data.nist import BOHR
 
 from rholearn import layout
 from rholearn.rotations import random_rotation, rotate_blocks, wigner_d_matrices
 from rhocalc.pyscf import PySCFOptions, SCFNotConverged, basis_set, compute_targets, fit, order
 from rhocalc.pyscf.molecule import aux_molecule
+from rhocalc.pyscf.overlap import overlap_bound, pair_cutoffs, pair_overlap, shell_envelopes
 from rhocalc.pyscf.scf import total_density_matrix
-from rhocalc.targets import Targets
+from rholearn.dataset import Targets
 
 # Hartree-Fock has no XC grid, so rotated molecules give the same density to
 # the SCF tolerance
@@ -243,3 +245,61 @@ def test_projections_in_small_blocks_equal_one_block(monkeypatch, water, water_b
     assert len(list(fit._aux_shell_blocks(aux, 300))) > 5
     blocked = fit.density_projections(water_scf.mol, density_matrix, aux, "int3c2e")
     np.testing.assert_allclose(blocked, one_block, rtol=1e-13, atol=1e-13)
+
+
+def _dimer(formula, distance):
+    """A molecule of ase's collection and a copy ``distance`` Angstrom away along x."""
+    atoms = ase.build.molecule(formula)
+    if distance:
+        other = atoms.copy()
+        other.translate([distance, 0.0, 0.0])
+        atoms += other
+    return atoms
+
+
+@pytest.mark.parametrize(
+    "formula, distance, threshold",
+    [("H2O", 0, 1e-10), ("CH3CH2OH", 0, 1e-10), ("NH3", 9.5, 1e-10), ("H2O", 6.0, 1e-6),
+     ("H2O", 6.0, 0.0)],
+)
+def test_pair_overlap_equals_the_dense_reference(formula, distance, threshold):
+    """The sparse build keeps the pairs and values of the dense matrix split into pairs."""
+    atoms = _dimer(formula, distance)
+    basis = basis_set("def2-universal-jkfit", atoms.get_chemical_symbols())
+    aux = aux_molecule(atoms, basis)
+    dense = order.matrix_to_canonical(aux.intor("int1e_ovlp", hermi=1), aux)
+    reference = layout.matrix_to_pair_tensormap(dense, atoms.numbers, basis, 4, threshold)
+    coefficients = np.random.default_rng(0).standard_normal(len(dense))
+    sparse, projections = pair_overlap(atoms, aux, basis, 4, threshold, coefficients)
+    assert metatensor.equal_metadata(sparse, reference)  # same keys, pairs, order
+    assert metatensor.allclose(sparse, reference, atol=1e-12, rtol=0)
+    n_pairs = len({tuple(s) for b in reference.blocks() for s in b.samples.values.tolist()})
+    if distance and threshold > 0:  # the test must be able to fail: pairs were dropped
+        assert n_pairs < len(atoms) ** 2
+    # the pairs beyond the cut-offs change S c by less than threshold * sum |c|
+    error = np.abs(projections - dense @ coefficients).max()
+    assert error <= max(threshold * np.abs(coefficients).sum(), 1e-12)
+    assert pair_overlap(atoms, aux, basis, 4, threshold)[1] is None
+
+
+@pytest.mark.parametrize("symbols", ["OO", "OH", "HH", "CN"])
+def test_atoms_beyond_the_cutoff_overlap_below_the_threshold(symbols):
+    """At and beyond the element pair's cut-off distance every |S| is below the
+    threshold; the bound holds at shorter distances and is not loose by more than 10 %."""
+    basis = basis_set("def2-universal-jkfit", list(symbols))
+    threshold = layout.OVERLAP_THRESHOLD
+    pair = ase.Atoms(symbols, positions=[[0, 0, 0], [0, 0, 1.0]])
+    cutoff = pair_cutoffs(aux_molecule(pair, basis), threshold)[tuple(symbols)]
+    direction = np.array([0.3, -0.4, 0.866]) / np.linalg.norm([0.3, -0.4, 0.866])
+    largest = {}
+    for factor in (0.6, 0.9, 1.0, 1.001, 1.2):
+        pair.positions[1] = factor * cutoff * direction
+        aux = aux_molecule(pair, basis)
+        first = aux.aoslice_by_atom()[0][3]
+        largest[factor] = np.abs(aux.intor("int1e_ovlp")[:first, first:]).max()
+        bound = overlap_bound(
+            shell_envelopes(aux, 0), shell_envelopes(aux, 1), factor * cutoff / BOHR
+        )
+        assert largest[factor] <= bound
+    assert max(largest[1.0], largest[1.001], largest[1.2]) <= threshold
+    assert largest[0.9] > threshold  # the cut-off is within 10 % of the true distance

@@ -10,7 +10,7 @@ from pyscf.tools.cubegen import Cube
 
 from rholearn import layout
 from rholearn.basis import BasisSet, Shell
-from rhocalc import realspace
+from rhocalc.pyscf import realspace
 from rhocalc.pyscf import order
 from rhocalc.pyscf.molecule import aux_molecule
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from rholearn import data, layout
+from rholearn.dataset import check_same_basis, read_dataset
 from rholearn.basis import BasisSet
 from rholearn.descriptors import LambdaSoap
 from rhocalc.batch import run_batch
@@ -45,7 +46,7 @@ def root(tmp_path_factory, basis):
 @pytest.fixture
 def folder(root):
     with pytest.warns(UserWarning, match=f"{FAILED}: HO, ValueError"):
-        return data.read_dataset(root)
+        return read_dataset(root)
 
 
 def test_read_dataset_skips_and_reports_failures(folder, basis):
@@ -62,37 +63,38 @@ def test_empty_dataset_is_refused(tmp_path, basis):
     compute = functools.partial(compute_targets, options=OPTIONS)
     run_batch([ase.build.molecule("OH")], root, compute, basis, progress=False)
     with pytest.warns(UserWarning), pytest.raises(ValueError, match="no completed structures in"):
-        data.read_dataset(root)
+        read_dataset(root)
 
 
 def test_missing_dataset_files_are_named(tmp_path, root):
     with pytest.raises(FileNotFoundError, match="no such dataset folder"):
-        data.read_dataset(str(tmp_path / "nothing"))
+        read_dataset(str(tmp_path / "nothing"))
     copy = str(tmp_path / "copy")
     shutil.copytree(root, copy)
     os.remove(os.path.join(copy, layout.STRUCTURES_FILE))
     with pytest.raises(FileNotFoundError, match="copy/structures.xyz"):
-        data.read_dataset(copy)
+        read_dataset(copy)
 
 
 def test_basis_of_model_must_match_targets(root, basis):
     other = basis_set("def2-universal-jkfit", ["H", "C", "N", "O"])
     with pytest.raises(
         ValueError,
-        match="basis.json.*'def2-universal-jfit'.*model's basis 'def2-universal-jkfit'",
+        match=r"basis.json' holds another auxiliary basis \('def2-universal-jfit'.*the model's "
+        r"\('def2-universal-jkfit'",
     ):
-        data.read_dataset(root, basis=other)
+        read_dataset(root, basis=other)
     fewer = BasisSet(basis.name, {s: basis.shells[s] for s in ("H", "O")})
     with pytest.raises(ValueError, match=r"elements \['H', 'C', 'N', 'O'\] instead of \['H', 'O'\]"):
-        data.check_same_basis(fewer, basis, where="here")
-    data.check_same_basis(basis, BasisSet.load(os.path.join(root, layout.BASIS_FILE)), "same")
+        check_same_basis(fewer, basis, where="here")
+    check_same_basis(basis, BasisSet.load(os.path.join(root, layout.BASIS_FILE)), "same")
 
 
 def test_targets_are_read_lazily_on_access(tmp_path, root):
     copy = str(tmp_path / "copy")
     shutil.copytree(root, copy)
     with pytest.warns(UserWarning):
-        folder = data.read_dataset(copy)
+        folder = read_dataset(copy)
     dataset = data.make_dataset(folder, targets=["coefficients"])
     assert len(dataset) == 4
     # replace structure 1's file after the dataset was made: the new values are read
@@ -134,7 +136,7 @@ def test_make_dataset_errors_name_structure_and_file(tmp_path, root, folder):
     shutil.copytree(root, copy)
     os.remove(os.path.join(copy, "2", layout.OVERLAP_FILE))
     with pytest.warns(UserWarning):
-        broken = data.read_dataset(copy)
+        broken = read_dataset(copy)
     with pytest.raises(FileNotFoundError, match=f"copy/2/{layout.OVERLAP_FILE}"):
         data.make_dataset(broken)
 

@@ -1,10 +1,10 @@
-"""Lambda-SOAP descriptors: blocks and metadata, O(3) equivariance, gradients, cache."""
+"""Stock lambda-SOAP: blocks and metadata, O(3) equivariance, cache (gradients: see
+test_contracted_descriptor.py, which checks both calculators)."""
 
 import os
 
 import ase.build
 import metatensor.torch as mts
-import numpy as np
 import pytest
 import torch
 
@@ -115,35 +115,6 @@ def test_unknown_element_names_the_structure(basis):
     frames = [ase.build.molecule("H2O"), ase.build.molecule("NH3")]
     with pytest.raises(ValueError, match=r"structure 3 \(H3N\).*\['N'\]"):
         soap.compute(frames, system_ids=[2, 3])
-
-
-def test_position_gradients_match_finite_differences(soap):
-    atoms = rattled("CH3OH", seed=3)
-    weights = {}
-
-    def projection(descriptor):
-        """A fixed random linear function of every descriptor value."""
-        total = 0.0
-        for key, found in descriptor.items():
-            name = tuple(key.values.tolist())
-            if name not in weights:
-                generator = torch.Generator().manual_seed(len(weights))
-                weights[name] = torch.randn(found.values.shape[1:], generator=generator, dtype=torch.float64)
-            total = total + (found.values * weights[name]).sum()
-        return total
-
-    systems = soap.systems([atoms], positions_requires_grad=True)
-    (gradient,) = torch.autograd.grad(projection(soap.compute_systems(systems)), systems[0].positions)
-    step = 1e-4  # Angstrom
-    for atom, axis in [(0, 0), (3, 2)]:
-        values = []
-        for sign in (1, -1):
-            moved = atoms.copy()
-            moved.positions[atom, axis] += sign * step
-            values.append(float(projection(soap.compute([moved]))))
-        finite_difference = (values[0] - values[1]) / (2 * step)
-        assert abs(float(gradient[atom, axis])) > 1e-3
-        np.testing.assert_allclose(float(gradient[atom, axis]), finite_difference, rtol=1e-6)
 
 
 def test_cache_returns_the_computed_descriptor_and_checks_settings(soap, tmp_path):

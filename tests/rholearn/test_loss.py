@@ -170,3 +170,27 @@ def test_nan_in_targets_names_the_system(structures, target):
     broken = mts.TensorMap(target.coefficients.keys, blocks)
     with pytest.raises(ValueError, match=r"of system\(s\) \[5\] contain NaN.*center_type=7"):
         OverlapLoss()(prediction, target._replace(coefficients=broken))
+
+
+def test_overlap_losses_reuse_the_index_of_a_fixed_batch(structures, target):
+    """As LBFGS evaluates one batch many times: the second call stores the index,
+    later ones reuse it, also for a copy of the targets; values and gradients
+    equal those of a loss without cache."""
+    for make in (OverlapLoss, lambda **kw: ProjectionLoss(add_constant=True, **kw)):
+        loss_fn, uncached = make(), make(cache_bytes=0)
+        expected = None
+        for call in range(4):
+            batch = target if call < 3 else LossTarget(*(t.copy() for t in target))
+            prediction = prediction_of(structures)
+            loss = loss_fn(prediction, batch)
+            loss.backward()
+            if expected is None:
+                reference = prediction_of(structures)
+                expected = uncached(reference, target)
+                expected.backward()
+                expected_gradients = gradients(reference, structures)
+            assert loss.item() == pytest.approx(expected.item(), rel=1e-13)
+            for found, wanted in zip(gradients(prediction, structures), expected_gradients):
+                np.testing.assert_allclose(found, wanted, rtol=1e-12, atol=1e-14)
+        assert (loss_fn.overlaps.hits, loss_fn.overlaps.misses) == (2, 2)
+        assert (uncached.overlaps.hits, len(uncached.overlaps)) == (0, 0)

@@ -9,6 +9,7 @@ import torch
 
 import overlap_systems as data
 from rholearn.metrics import (
+    atom_error_shares,
     error_summary,
     overlap_norms,
     relative_l2_errors,
@@ -142,3 +143,18 @@ def test_baseline_errors(tensors):
     )
     with pytest.raises(ValueError, match="baseline block o3_lambda=0, o3_sigma=1, center_type=1"):
         subtract_baseline(reference, per_atom)
+
+
+def test_atom_error_shares_against_dense(structures, references, predictions, tensors):
+    shares = atom_error_shares(*tensors)
+    for s, x, y in zip(structures, predictions, references):
+        dc = x - y
+        weighted = s.overlap @ dc
+        owner = np.array([atom for atom, _, _, _ in data.basis().functions(s.symbols)])
+        expected = [
+            100 * dc[owner == atom] @ weighted[owner == atom] / (dc @ weighted)
+            for atom in range(len(s.symbols))
+        ]
+        found = [shares[(s.system, atom)] for atom in range(len(s.symbols))]
+        np.testing.assert_allclose(found, expected, rtol=1e-10)
+        assert sum(found) == pytest.approx(100.0)

@@ -8,6 +8,7 @@ import torch
 import overlap_systems as data
 from rholearn.overlap import (
     SparseOverlap,
+    SparseOverlapCache,
     align_samples,
     bilinear_form,
     overlap_matvec,
@@ -145,3 +146,95 @@ def test_align_samples_errors(structures):
         match="b: block o3_lambda=0, o3_sigma=1, center_type=1 lacks the sample system=3, atom=1",
     ):
         align_samples(b, a, "b")
+
+
+def _scaled(tensor, factor):
+    """The same metadata with values multiplied by ``factor`` (another geometry, say)."""
+    blocks = [
+        mts.TensorBlock(factor * b.values, b.samples, b.components, b.properties)
+        for b in tensor.blocks()
+    ]
+    return mts.TensorMap(tensor.keys, blocks)
+
+
+def test_cache_reuses_the_index_of_a_batch_met_again(structures, overlap):
+    """Stored at the second meeting, reused afterwards, also for a copy of the batch
+    (as read again from disk) and a prediction with a graph; results unchanged."""
+    cache = SparseOverlapCache()
+    a = data.coefficients(structures, data.random_vectors(structures, seed=0))
+    expected = SparseOverlap(overlap, a).quadratic(a)
+    first, second = cache.get(overlap, a), cache.get(overlap, a)
+    assert (cache.hits, cache.misses, len(cache)) == (0, 2, 1)
+    copy = data.overlaps(structures)  # new objects, same content
+    prediction = mts.requires_grad(data.coefficients(structures, data.random_vectors(
+        structures, seed=0)), True)
+    third = cache.get(copy, prediction)
+    assert third is second and first is not second
+    assert (cache.hits, cache.misses) == (1, 2)
+    torch.testing.assert_close(third.quadratic(prediction), expected, rtol=1e-13, atol=0)
+    # the stored index holds no graph of the prediction it was built for
+    assert not any(block.values.requires_grad for block in third.layout.blocks())
+    assert cache.nbytes == third.nbytes > 0
+
+
+def test_cache_tells_batches_apart(structures, overlap):
+    """Other values with the same labels, other structures, or another sample
+    order of the coefficients are other batches."""
+    cache = SparseOverlapCache()
+    a = data.coefficients(structures, data.random_vectors(structures, seed=0))
+    for _ in range(2):
+        cache.get(overlap, a)
+    other = _scaled(overlap, 1.5)
+    sparse = cache.get(other, a)
+    assert cache.hits == 0
+    np.testing.assert_allclose(
+        sparse.quadratic(a).numpy(), 1.5 * SparseOverlap(overlap, a).quadratic(a).numpy(),
+        rtol=1e-12,
+    )
+    shuffled = data.shuffled(a, seed=5)
+    cache.get(overlap, shuffled)
+    two = data.batch(("H2O", "NH3"))
+    b = data.coefficients(two, data.random_vectors(two, seed=0))
+    cache.get(data.overlaps(two), b)
+    assert cache.hits == 0
+
+
+def test_cache_of_shuffled_minibatches(structures):
+    """Minibatches of changing composition (Adam) are built each time, stored only
+    when met twice, and give the uncached results."""
+    singles = [data.batch((f,), first=3 + 2 * i)[0] for i, f in enumerate(("H2O", "NH3", "CH4"))]
+    cache = SparseOverlapCache()
+    for epoch, order in enumerate([(0, 1), (2, 0), (1, 2), (0, 1)]):
+        batch = [singles[i] for i in order]
+        a = data.coefficients(batch, data.random_vectors(batch, seed=epoch))
+        overlap = data.overlaps(batch)
+        found = cache.get(overlap, a).quadratic(a)
+        torch.testing.assert_close(found, SparseOverlap(overlap, a).quadratic(a))
+    assert (cache.hits, cache.misses, len(cache)) == (0, 4, 1)  # (0, 1) met twice
+
+
+def test_cache_memory_is_bounded(structures, overlap):
+    a = data.coefficients(structures, data.random_vectors(structures, seed=0))
+    size = SparseOverlap(overlap, a).nbytes
+    cache = SparseOverlapCache(max_bytes=int(1.5 * size))
+    for factor in (1.0, 2.0, 1.0, 2.0, 1.0):  # two batches, each met more than once
+        cache.get(_scaled(overlap, factor), a)
+    assert len(cache) == 1 and cache.nbytes == size <= cache.max_bytes
+    disabled = SparseOverlapCache(max_bytes=0)
+    for _ in range(3):
+        disabled.get(overlap, a)
+    assert (len(disabled), disabled.misses) == (0, 3)
+    with pytest.raises(ValueError, match="max_bytes"):
+        SparseOverlapCache(max_bytes=-1)
+
+
+def test_cached_bilinear_form_and_matvec(structures, overlap):
+    a = data.coefficients(structures, data.random_vectors(structures, seed=0))
+    b = data.coefficients(structures, data.random_vectors(structures, seed=1))
+    cache = SparseOverlapCache()
+    for _ in range(3):
+        systems, values = bilinear_form(a, b, overlap, cache=cache)
+        product = overlap_matvec(a, overlap, cache=cache)
+    assert cache.hits == 4
+    torch.testing.assert_close(values, bilinear_form(a, b, overlap)[1], rtol=1e-14, atol=0)
+    assert mts.allclose(product, overlap_matvec(a, overlap), rtol=1e-14, atol=0)

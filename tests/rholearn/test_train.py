@@ -6,12 +6,14 @@ import functools
 import json
 import math
 import os
+import pickle
 
 import ase.build
 import pytest
 import torch
 
 from rholearn import data, train
+from rholearn.dataset import read_dataset
 from rholearn.loss import CoefficientLoss, OverlapLoss
 from rholearn.models import DensityModel
 from rhocalc.batch import run_batch
@@ -19,10 +21,8 @@ from rhocalc.pyscf import basis_set, compute_targets
 
 from small_setup import HYPERS, OPTIONS
 
-CHECKPOINT_KEYS = {
-    "epoch", "best_loss", "best_epoch", "stale_epochs", "history", "model", "optimizer",
-    "scheduler", "random_states", "options",
-}
+BEST_KEYS = {"format", "epoch", "best_loss", "best_epoch", "stale_epochs", "history", "model"}
+CHECKPOINT_KEYS = BEST_KEYS | {"optimizer", "scheduler", "random_states", "options"}
 
 
 def structures():
@@ -41,7 +41,7 @@ def folder(tmp_path_factory):
     basis = basis_set(OPTIONS.auxbasis, ["H", "C", "O"])
     compute = functools.partial(compute_targets, options=OPTIONS)
     run_batch(structures(), root, compute, basis, progress=False)
-    return data.read_dataset(root)
+    return read_dataset(root)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,10 @@ def datasets(folder, descriptors):
 
 
 def make_model(folder, seed=0):
-    return DensityModel(folder.basis, HYPERS, model="linear", seed=seed)
+    """A linear model on featomic's stock lambda-SOAP: these tests are about the
+    training loop, and their loss curves (a plateau the scheduler acts on) were
+    chosen for it."""
+    return DensityModel(folder.basis, HYPERS, descriptor="stock", model="linear", seed=seed)
 
 
 def assert_same_weights(state, reference):
@@ -93,16 +96,22 @@ def test_adam_training_learns_and_writes_a_complete_run(folder, datasets, tmp_pa
     assert len(capsys.readouterr().out.strip().splitlines()) == 8
 
     assert sorted(os.listdir(run_dir)) == sorted(
-        [train.OPTIONS_FILE, train.LOG_FILE, train.LAST_CHECKPOINT, train.BEST_CHECKPOINT]
+        [train.OPTIONS_FILE, train.LOG_FILE, train.LAST_CHECKPOINT, train.BEST_CHECKPOINT,
+         "train.log"]
     )
+    with open(os.path.join(run_dir, "train.log")) as f:
+        text_log = f.read().splitlines()
+    assert len(text_log) == 8 and text_log[-1].split()[3:5] == ["epoch", "8/8"]
     with open(os.path.join(run_dir, train.OPTIONS_FILE)) as f:
         assert json.load(f) == dataclasses.asdict(options(epochs=8, verbose=True))
     with open(os.path.join(run_dir, train.LOG_FILE)) as f:
         rows = list(csv.DictReader(f))
     assert [float(row["val_loss"]) for row in rows] == [r["val_loss"] for r in history]
 
-    last = torch.load(os.path.join(run_dir, train.LAST_CHECKPOINT), weights_only=False)
+    last = torch.load(os.path.join(run_dir, train.LAST_CHECKPOINT), weights_only=True)
     assert set(last) == CHECKPOINT_KEYS
+    # the best checkpoint holds weights, no optimizer state
+    assert set(torch.load(os.path.join(run_dir, train.BEST_CHECKPOINT))) == BEST_KEYS
     assert last["epoch"] == 8 and last["history"] == history
     assert_same_weights(last["model"], model.state_dict())
 
@@ -136,7 +145,7 @@ def test_early_stopping_without_improvement(folder, datasets, tmp_path):
     )
     assert len(history) == 4
     assert len({record["val_loss"] for record in history}) == 1
-    checkpoint = torch.load(tmp_path / train.LAST_CHECKPOINT, weights_only=False)
+    checkpoint = torch.load(tmp_path / train.LAST_CHECKPOINT, weights_only=True)
     assert checkpoint["epoch"] == 4 and checkpoint["stale_epochs"] == 3
 
 
@@ -173,7 +182,7 @@ def test_resume_after_interruption_gives_the_same_weights(folder, datasets, tmp_
         train.train(
             make_model(folder), InterruptingLoss(checkpoint, 8), *datasets, settings, run_dir
         )
-    assert torch.load(checkpoint, weights_only=False)["epoch"] == 2
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
 
     resumed = make_model(folder, seed=7)  # a new instance, other initial weights
     resumed_history = train.train(
@@ -207,7 +216,7 @@ def test_training_without_validation_monitors_the_training_loss(folder, datasets
         make_model(folder), CoefficientLoss(), datasets[0], None, options(epochs=2), str(tmp_path)
     )
     assert all(math.isnan(record["val_loss"]) for record in history)
-    best = torch.load(tmp_path / train.BEST_CHECKPOINT, weights_only=False)
+    best = torch.load(tmp_path / train.BEST_CHECKPOINT, weights_only=True)
     assert best["best_loss"] == min(record["train_loss"] for record in history)
     assert capsys.readouterr().out == ""  # verbose=False
 
@@ -233,3 +242,76 @@ def test_a_diverging_loss_stops_with_a_clear_error(folder, datasets, tmp_path):
 def test_early_stopping_needs_a_patience_of_at_least_one():
     with pytest.raises(ValueError, match="early_stopping_patience must be >= 1"):
         options(early_stopping_patience=0)
+
+
+class CreatesAFile:
+    """A harmless pickle payload: unpickling it creates the file ``path``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_checkpoint_is_not_executed_on_resume(folder, datasets, tmp_path):
+    run_dir = tmp_path / "run"
+    train.train(make_model(folder), CoefficientLoss(), *datasets, options(epochs=2), str(run_dir))
+    marker = tmp_path / "payload-ran"
+    with open(run_dir / train.LAST_CHECKPOINT, "wb") as f:
+        pickle.dump({"epoch": 1, "payload": CreatesAFile(str(marker))}, f, protocol=2)
+    # the payload works when unpickled the unsafe way ...
+    with open(run_dir / train.LAST_CHECKPOINT, "rb") as f:
+        pickle.load(f)["payload"].close()
+    assert marker.exists()
+    marker.unlink()
+    # ... but resuming refuses the file without running it
+    with pytest.raises(ValueError, match=f"cannot read checkpoint '.*{train.LAST_CHECKPOINT}'"):
+        train.train(
+            make_model(folder), CoefficientLoss(), *datasets, options(epochs=3), str(run_dir),
+            resume=True,
+        )
+    assert not marker.exists()
+
+
+def test_truncated_and_unknown_checkpoints_name_the_file_and_what_to_do(folder, datasets, tmp_path):
+    run_dir = str(tmp_path)
+    train.train(make_model(folder), CoefficientLoss(), *datasets, options(epochs=2), run_dir)
+    last = os.path.join(run_dir, train.LAST_CHECKPOINT)
+    with open(last, "rb") as f:
+        content = f.read()
+    with open(last, "wb") as f:
+        f.write(content[: len(content) // 2])
+    with pytest.raises(ValueError) as error:
+        train.train(make_model(folder), CoefficientLoss(), *datasets, options(epochs=3), run_dir,
+                    resume=True)
+    message = str(error.value)
+    assert last in message and train.BEST_CHECKPOINT in message and "start again" in message
+
+    checkpoint = torch.load(os.path.join(run_dir, train.BEST_CHECKPOINT), weights_only=True)
+    train.save_checkpoint({**checkpoint, "format": "rholearn.checkpoint/99"}, last)
+    with pytest.raises(ValueError, match="has format 'rholearn.checkpoint/99', this rholearn"):
+        train.load_checkpoint(last, make_model(folder))
+    # the best weights are usable, but cannot resume a run (no optimizer state)
+    train.load_checkpoint(os.path.join(run_dir, train.BEST_CHECKPOINT), make_model(folder))
+    optimizer = torch.optim.Adam(make_model(folder).parameters())
+    with pytest.raises(ValueError, match="weights only"):
+        train.load_checkpoint(
+            os.path.join(run_dir, train.BEST_CHECKPOINT), make_model(folder), optimizer
+        )
+
+
+def test_stale_temporary_files_of_a_killed_run_are_removed(folder, datasets, tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "descriptors").mkdir(parents=True)
+    stale = [run_dir / ".tmp-999999-checkpoint_last.pt", run_dir / "descriptors" / ".tmp-1-0.mts"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    train.train(make_model(folder), CoefficientLoss(), *datasets, options(epochs=1), str(run_dir))
+    assert not any(path.exists() for path in stale)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_cuda_device_without_a_gpu_is_a_clear_error():
+    with pytest.raises(ValueError, match="device 'cuda': torch sees no GPU"):
+        options(device="cuda")

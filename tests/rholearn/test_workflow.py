@@ -16,7 +16,7 @@ from rhocalc.pyscf import PySCFOptions, basis_set, compute_targets
 from rhocalc.pyscf.fit import function_integrals
 from rhocalc.pyscf.molecule import aux_molecule
 from rhocalc.pyscf.order import vector_to_canonical
-from rhocalc.realspace import read_cube
+from rhocalc.pyscf.realspace import read_cube
 from rhocalc.structures import distorted_waters
 from rholearn import cli, layout, workflow
 from rholearn.models import DensityModel
@@ -40,7 +40,7 @@ def dataset(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fitted(dataset, tmp_path_factory):
     options = workflow.FitOptions(
-        n_train=8, n_val=2, n_test=2,
+        model="linear", solver="gradient", n_train=8, n_val=2, n_test=2,  # the training loop
         train=TrainOptions(epochs=4, optimizer="lbfgs", learning_rate=1.0, scheduler=None,
                            verbose=False),
     )
@@ -139,25 +139,31 @@ def test_batched_prediction_equals_one_by_one(fitted, tmp_path):
 def test_cli_train_evaluate_predict(dataset, tmp_path, capsys):
     run = str(tmp_path / "run")
     assert cli.main(["train", dataset, "--run", run, "--n-train", "6", "--n-val", "2",
-                     "--epochs", "2"]) == 0
+                     "--train.epochs", "2"]) == 0
     assert cli.main(["evaluate", run, "--no-real-space"]) == 0
     output = capsys.readouterr().out
     assert "rmse_percent" in output
-    with open(os.path.join(run, "errors_test.json")) as f:
+    evaluation = os.path.join(run, "evaluation_test")
+    with open(os.path.join(evaluation, "errors.json")) as f:
         rows = json.load(f)["structures"]
     assert len(rows) == 4
-    with gzip.open(os.path.join(run, "errors_test.chemiscope.json.gz"), "rt") as f:
+    with gzip.open(os.path.join(evaluation, "errors.chemiscope.json.gz"), "rt") as f:
         chemiscope_map = json.load(f)
     assert len(chemiscope_map["structures"]) == 4
     assert chemiscope_map["properties"]["relative_l2_percent"]["values"] == pytest.approx(
         [row["relative_l2_percent"] for row in rows]
     )
+    shares = chemiscope_map["properties"]["atom_error_share_percent"]["values"]
+    assert len(shares) == 3 * 4 and sum(shares) == pytest.approx(100.0 * 4)
+    assert os.path.exists(os.path.join(evaluation, "parity.png"))
+    for row in rows:  # the predicted coefficients are kept next to the errors
+        assert os.path.exists(os.path.join(evaluation, str(row["index"]), "coefficients.mts"))
 
     structures = str(tmp_path / "new.xyz")
     ase.io.write(structures, distorted_waters(2, seed=5))
     out = str(tmp_path / "predicted")
     assert cli.main(["predict", os.path.join(run, "model.pt"), structures, "--out", out]) == 0
-    assert sorted(os.listdir(out)) == ["0", "1"]
+    assert sorted(os.listdir(out)) == ["water-0", "water-1"]
 
     # an element the model never saw: a clear error, naming structure and element
     ase.io.write(structures, [ase.build.molecule("CH4")])

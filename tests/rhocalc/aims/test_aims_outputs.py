@@ -13,7 +13,7 @@ from pyscf.data.nist import BOHR
 
 import aims_test_files
 from rholearn import layout
-from rhocalc import realspace
+from rhocalc.pyscf import realspace
 from rhocalc.aims import outputs
 from rhocalc.aims.aimsout import parse_aims_out
 from rhocalc.aims.outputs import AimsOutputError, read_ri_run

@@ -15,16 +15,15 @@ import torch
 
 import aims_test_files
 from rholearn import layout
-from rholearn.data import TargetFile, read_dataset
+from rholearn.data import TargetFile
+from rholearn.dataset import DatasetError, Targets, exclusive_lock, read_dataset, read_failures
 from rholearn.train import TrainOptions
 from rholearn.workflow import FitOptions, evaluate, fit
 from rholearn.rotations import random_rotation, rotate_blocks
 from rhocalc.aims import AimsOptions, AimsRunError, SlurmOptions, parse_dataset, run_dataset
 from rhocalc.aims import outputs, rebuild
 from rhocalc.aims.run import pending_step, run_aims, step_dir
-from rhocalc.batch import DatasetError, exclusive_lock, read_failures
 from rhocalc.cli import main
-from rhocalc.targets import Targets
 
 OPTIONS = AimsOptions(species_dir=aims_test_files.SPECIES_DIR)
 AIMS_COMMAND = os.environ.get("ASE_AIMS_COMMAND")

@@ -1,15 +1,18 @@
-"""Lambda-SOAP descriptors: equivariant power spectra matching the target blocks.
+"""What every lambda-SOAP calculator shares: hypers, structure checks, the disk cache.
 
-:class:`LambdaSoap` wraps featomic's :class:`~featomic.torch.SphericalExpansion`
-and :class:`~featomic.torch.clebsch_gordan.EquivariantPowerSpectrum`. The
-neighbour types are moved to the properties for a fixed list of atom types, so
-a block has the same properties in every structure, whatever elements it holds.
+A calculator (:class:`~rholearn.descriptors.LambdaSoap` or
+:class:`~rholearn.descriptors.ContractedLambdaSoap`) holds a TorchScript-compatible
+``module`` (metatomic systems -> descriptor TensorMap) and implements
+:meth:`Descriptor.settings` and :meth:`Descriptor.n_features`; this base class
+adds the conversion of ``ase.Atoms``, the element checks, renumbering of the
+``system`` samples and the per-structure cache on disk.
 
 Output layout (a ``metatensor.torch.TensorMap``)
-    keys        ``o3_lambda, o3_sigma, center_type`` (only the requested target keys)
+    keys        ``o3_lambda, o3_sigma, center_type`` (only the requested target keys
+                of the centre types present)
     samples     ``system, atom`` (``system`` is the structure's dataset index)
     components  ``o3_mu``
-    properties  featomic's ``l_1, l_2, neighbor_1_type, n_1, neighbor_2_type, n_2``
+    properties  depend on the calculator (documented there)
 
 Coordinates are read from ``ase.Atoms`` in Angstrom; the cutoff in the hypers is
 in Angstrom too.
@@ -26,14 +29,11 @@ import ase
 import ase.data
 import metatensor.torch as mts
 import torch
-from featomic.torch import SphericalExpansion
-from featomic.torch.clebsch_gordan import EquivariantPowerSpectrum
 from metatensor.torch import Labels, TensorBlock, TensorMap
-from metatensor.torch.learn.nn import Module
 from metatomic.torch import System, systems_to_torch
 
-from . import layout
-from .files import differing_keys, recorded_json
+from .. import layout
+from ..files import differing_keys, recorded_json
 
 DEFAULT_HYPERS = {
     "cutoff": {"radius": 4.0, "smoothing": {"type": "ShiftedCosine", "width": 0.5}},
@@ -48,8 +48,9 @@ DEFAULT_HYPERS = {
 
 ``max_angular = 4`` reaches every ``o3_lambda <= 8``, enough for auxiliary bases
 up to g functions; ``max_radial = 5`` means 6 radial functions (featomic counts
-from 0). The Clebsch-Gordan product dominates the cost, roughly as
-``(max_angular + 1)^3 (max_radial + 1)^2``.
+from 0). The stock Clebsch-Gordan product costs roughly
+``(max_angular + 1)^3 (max_radial + 1)^2 n_types^2`` per atom; the contracted one
+``(max_angular + 1)^3 n_channels^2``.
 """
 
 CACHE_SETTINGS_FILE = "descriptor.json"
@@ -58,8 +59,8 @@ CACHE_SETTINGS_FILE = "descriptor.json"
 Key = Tuple[int, int, int]
 
 
-class LambdaSoap:
-    """Lambda-SOAP calculator restricted to a set of target keys.
+class Descriptor:
+    """Base of the lambda-SOAP calculators restricted to a set of target keys.
 
     Parameters
     ----------
@@ -74,7 +75,16 @@ class LambdaSoap:
         every ``o3_sigma = +1`` block up to ``o3_lambda = 2 max_angular``.
     dtype : torch.dtype
     device : torch.device or str, optional
+
+    Notes
+    -----
+    Subclasses set ``self.module`` (``List[System] -> TensorMap``, samples
+    ``system = 0 .. len(systems) - 1``) and implement :meth:`settings` and
+    :meth:`n_features`; :meth:`fit` and :meth:`state` default to no-ops.
     """
+
+    kind = ""
+    """Name of the calculator in saved models and ``FitOptions.descriptor``."""
 
     def __init__(
         self,
@@ -93,26 +103,46 @@ class LambdaSoap:
             target_keys = [(l, 1, z) for z in self.atom_types for l in range(max_lambda + 1)]
         self.target_keys: List[Key] = sorted(tuple(int(x) for x in key) for key in target_keys)
         _check_target_keys(self.target_keys, self.atom_types, max_lambda)
-        self.module = LambdaSoapModule(
-            EquivariantPowerSpectrum(
-                SphericalExpansion(**self.hypers),
-                neighbor_types=self.atom_types,
-                dtype=dtype,
-                device=self.device,
-            ),
-            Labels(layout.KEY_NAMES, torch.tensor(self.target_keys, dtype=torch.int32)),
-            self.atom_types,
-        )
-        self.module.to(self.device)
+        self.module: torch.nn.Module
 
+    # ------------------------------------------------------- to implement ---
     def settings(self) -> dict:
         """Plain-data settings that determine the descriptor values."""
         return {
+            "descriptor": self.kind,
             "hypers": self.hypers,
             "atom_types": self.atom_types,
             "target_keys": [list(key) for key in self.target_keys],
             "dtype": str(self.dtype),
         }
+
+    def n_features(self) -> Dict[Key, int]:
+        """Number of properties of each target block."""
+        raise NotImplementedError
+
+    def fit(self, frames: Sequence[ase.Atoms]) -> None:
+        """Fit what the descriptor learns from training structures (nothing here)."""
+
+    def options(self) -> dict:
+        """Constructor options beyond the common ones (none here)."""
+        return {}
+
+    def to(self, dtype: torch.dtype, device: Optional[torch.device] = None) -> "Descriptor":
+        """The same descriptor (fitted state included) with another dtype/device."""
+        other = type(self)(
+            self.hypers, self.atom_types, self.target_keys, dtype, device, **self.options()
+        )
+        other.load_state(self.state())
+        return other
+
+    def state(self) -> Dict[str, torch.Tensor]:
+        """Fitted tensors to save with a model (none here); see :meth:`load_state`."""
+        return {}
+
+    def load_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state` returned."""
+        if state:
+            raise ValueError(f"the '{self.kind}' descriptor has no state, got {sorted(state)}")
 
     # ------------------------------------------------------------ compute ---
     def systems(
@@ -133,7 +163,7 @@ class LambdaSoap:
     def compute(
         self, frames: Sequence[ase.Atoms], system_ids: Optional[Sequence[int]] = None
     ) -> TensorMap:
-        """Lambda-SOAP of ase structures (positions in Angstrom).
+        """Descriptor of ase structures (positions in Angstrom).
 
         Parameters
         ----------
@@ -142,52 +172,33 @@ class LambdaSoap:
             Value of the ``system`` sample dimension of each structure (its index
             in the dataset). Default ``0 .. len(frames) - 1``.
         """
-        system_ids = _system_ids(frames, system_ids)
+        system_ids = check_system_ids(frames, system_ids)
         self.check_atom_types(frames, system_ids)
         return self.compute_systems(self.systems(frames), system_ids)
 
     def compute_systems(
         self, systems: List[System], system_ids: Optional[Sequence[int]] = None
     ) -> TensorMap:
-        """Lambda-SOAP of metatomic systems (see :meth:`systems`).
+        """Descriptor of metatomic systems (see :meth:`systems`).
 
         Gradients flow to ``system.positions`` where they require grad.
         """
-        system_ids = _system_ids(systems, system_ids)
-        return _renumber_systems(self.module(systems), system_ids)
+        system_ids = check_system_ids(systems, system_ids)
+        return renumber_systems(self.module(systems), system_ids)
 
     def check_atom_types(
         self, frames: Sequence[ase.Atoms], system_ids: Optional[Sequence[int]] = None
     ) -> None:
         """Raise a ``ValueError`` naming the first structure with an unknown element."""
-        for system_id, atoms in zip(_system_ids(frames, system_ids), frames):
-            unknown = sorted(set(atoms.numbers.tolist()) - set(self.atom_types))
+        known = set(self.atom_types)
+        for system_id, atoms in zip(check_system_ids(frames, system_ids), frames):
+            unknown = sorted(set(atoms.numbers.tolist()) - known)
             if unknown:
                 raise ValueError(
                     f"structure {system_id} ({atoms.get_chemical_formula()}) contains "
                     f"element(s) {_symbols(unknown)}, but the descriptor only knows "
                     f"{_symbols(self.atom_types)}"
                 )
-
-    def n_features(self) -> Dict[Key, int]:
-        """Number of properties of each target block.
-
-        Found from featomic's metadata-only computation on a probe structure
-        holding one atom of each type, so no Clebsch-Gordan product is computed.
-        """
-        probe = ase.Atoms(
-            numbers=self.atom_types,
-            positions=[[0.0, 0.0, 1.5 * i] for i in range(len(self.atom_types))],
-        )
-        metadata = self.module.calculator.compute_metadata(
-            self.systems([probe]),
-            selected_keys=self.module.selected_keys,
-            neighbors_to_properties=True,
-        )
-        return {
-            tuple(int(x) for x in key.values): len(block.properties)
-            for key, block in metadata.items()
-        }
 
     # -------------------------------------------------------------- cache ---
     def compute_cached(
@@ -199,10 +210,11 @@ class LambdaSoap:
         """Like :meth:`compute`, reading and writing ``cache_dir/<system_id>.mts``.
 
         Structures without a cache file are computed together and each saved
-        atomically; the folder records the settings in ``descriptor.json`` and a
-        folder made with other settings raises a ``ValueError``.
+        atomically; the folder records :meth:`settings` in ``descriptor.json`` (for
+        a fitted descriptor these include a hash of its fitted state) and a folder
+        made with other settings raises a ``ValueError``.
         """
-        system_ids = _system_ids(frames, system_ids)
+        system_ids = check_system_ids(frames, system_ids)
         self._claim_cache(cache_dir)
         paths = [os.path.join(cache_dir, f"{i}.mts") for i in system_ids]
         missing = [k for k, path in enumerate(paths) if not os.path.exists(path)]
@@ -233,38 +245,6 @@ class LambdaSoap:
         return tensor.to(dtype=self.dtype, device=self.device)
 
 
-class LambdaSoapModule(Module):
-    """TorchScript-compatible lambda-SOAP: metatomic systems -> descriptor TensorMap.
-
-    Samples are numbered ``system = 0 .. len(systems) - 1``. A system with an
-    atom type outside ``atom_types`` raises an error (featomic would silently
-    ignore it as a neighbour).
-    """
-
-    def __init__(
-        self,
-        calculator: EquivariantPowerSpectrum,
-        selected_keys: Labels,
-        atom_types: List[int],
-    ):
-        super().__init__()
-        self.calculator = calculator
-        self.register_buffer("selected_keys", selected_keys)
-        self.atom_types = atom_types
-
-    def forward(self, systems: List[System]) -> TensorMap:
-        for index, system in enumerate(systems):
-            known = torch.tensor(self.atom_types, device=system.types.device)
-            if not bool(torch.isin(system.types, known).all()):
-                raise ValueError(
-                    "system " + str(index) + " has atom types outside the descriptor's "
-                    + str(self.atom_types)
-                )
-        return self.calculator(
-            systems, selected_keys=self.selected_keys, neighbors_to_properties=True
-        )
-
-
 def _check_target_keys(target_keys: List[Key], atom_types: List[int], max_lambda: int):
     for o3_lambda, _, center_type in target_keys:
         if o3_lambda > max_lambda:
@@ -280,7 +260,8 @@ def _check_target_keys(target_keys: List[Key], atom_types: List[int], max_lambda
             )
 
 
-def _system_ids(frames: Sequence, system_ids: Optional[Sequence[int]]) -> List[int]:
+def check_system_ids(frames: Sequence, system_ids: Optional[Sequence[int]]) -> List[int]:
+    """``system_ids`` as a list of int (default ``0 .. len(frames) - 1``), one per structure."""
     if system_ids is None:
         return list(range(len(frames)))
     system_ids = [int(i) for i in system_ids]
@@ -293,8 +274,8 @@ def _symbols(atomic_numbers: Sequence[int]) -> List[str]:
     return [ase.data.chemical_symbols[z] for z in atomic_numbers]
 
 
-def _renumber_systems(tensor: TensorMap, system_ids: List[int]) -> TensorMap:
-    """Replace featomic's ``system`` sample values ``0..N-1`` by ``system_ids``."""
+def renumber_systems(tensor: TensorMap, system_ids: List[int]) -> TensorMap:
+    """Replace the ``system`` sample values ``0..N-1`` by ``system_ids``."""
     if system_ids == list(range(len(system_ids))):
         return tensor
     ids = torch.tensor(system_ids, dtype=torch.int32, device=tensor.device)

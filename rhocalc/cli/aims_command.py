@@ -13,8 +13,9 @@ import argparse
 import os
 import sys
 
-from rhocalc.batch import exclusive_lock
-from rhocalc.cli import batch_command
+from rholearn.dataset import exclusive_lock
+
+from . import batch_command
 
 
 def add_parser(subparsers) -> None:
@@ -133,7 +134,9 @@ def run(args: argparse.Namespace) -> int:
         except aims.AimsRunError as error:
             print(f"rhocalc aims: error: {error}", file=sys.stderr)
             return 2
-        return batch_command.run_and_summarise(args, structures, compute, basis, locked=True)
+        return batch_command.run_and_summarise(
+            args, structures, compute, basis, settings=aims.run.DATASET_SETTINGS, locked=True
+        )
 
 
 def run_parse(args: argparse.Namespace) -> int:
@@ -143,7 +146,9 @@ def run_parse(args: argparse.Namespace) -> int:
     structures, options = aims.run.read_runs(args.out)
     with exclusive_lock(args.out):  # held from reading the runs to the last target
         compute, basis = aims.run.dataset_compute(structures, args.out, options, run=False)
-        return batch_command.run_and_summarise(args, structures, compute, basis, locked=True)
+        return batch_command.run_and_summarise(
+            args, structures, compute, basis, settings=aims.run.DATASET_SETTINGS, locked=True
+        )
 
 
 def _keyword(text: str):

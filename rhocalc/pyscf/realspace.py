@@ -30,9 +30,9 @@ from pyscf.tools.cubegen import Cube
 from rholearn import layout
 from rholearn.basis import BasisSet
 from rholearn.files import atomic_path
-from rhocalc.pyscf import order
-from rhocalc.pyscf.molecule import atoms_molecule, aux_molecule
-from rhocalc.pyscf.scf import total_density_matrix
+from . import order
+from .molecule import atoms_molecule, aux_molecule
+from .scf import total_density_matrix
 
 CHUNK_BYTES = 2**27
 """Memory of the basis-function values of one chunk of points (128 MiB)."""

@@ -1,0 +1,300 @@
+"""Options defined once, as dataclasses, and read from YAML files, ``key=value``
+overrides and command-line flags.
+
+A dataclass of options (for instance :class:`rholearn.workflow.FitOptions`, which
+nests :class:`rholearn.train.TrainOptions`) is the only definition of each
+option: its name, type, default and help (the ``help`` entry of the field's
+metadata, or the numpydoc ``Parameters`` of the class). This module turns it
+into and out of plain data:
+
+- :func:`to_dict` / :func:`from_dict`: dataclass <-> nested dict, with every
+  unknown key and wrong type reported by its dotted path (``train.epochs``);
+- :func:`read_yaml` / :func:`write_yaml`: YAML files, errors naming the file;
+- :func:`apply_override`: ``"train.epochs=20"`` (the value read as YAML);
+- :func:`add_flags` / :func:`flag_overrides`: one ``--dotted.name`` flag per
+  option of an :mod:`argparse` parser, its default shown in ``--help``;
+- :func:`add_options_arguments` / :func:`options_from_arguments`: all of these
+  for one dataclass (``--options FILE``, ``-r KEY=VALUE``, flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections.abc
+import copy
+import dataclasses
+import inspect
+import json
+import types
+import typing
+from typing import Any, Dict, List, Mapping, Sequence, Tuple, Type, TypeVar
+
+import yaml
+
+from .files import atomic_path
+
+T = TypeVar("T")
+
+
+class OptionsError(ValueError):
+    """An option that is unknown, of the wrong type or out of range; the message names it."""
+
+
+# ---------------------------------------------------------------- plain data ---
+def to_dict(options: Any) -> Dict[str, Any]:
+    """The options as nested plain data (dicts, lists, numbers, strings, None;
+    tuples become lists, as YAML and JSON read them back)."""
+    return json.loads(json.dumps(dataclasses.asdict(options)))
+
+
+def from_dict(cls: Type[T], data: Mapping[str, Any], where: str = "") -> T:
+    """Build the dataclass ``cls`` from nested plain data.
+
+    Keys absent from ``data`` keep their defaults. Nested dataclass fields
+    take nested mappings. Errors (:class:`OptionsError`) name the option by
+    its dotted path, prefixed with ``where``.
+    """
+    if not isinstance(data, Mapping):
+        raise OptionsError(f"{_name(where) or 'options'} must be a mapping, got {_describe(data)}")
+    fields = {field.name: field for field in dataclasses.fields(cls) if field.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise OptionsError(
+            f"unknown option '{_join(where, unknown[0])}'; known options here: "
+            f"{', '.join(sorted(fields))}"
+        )
+    hints = typing.get_type_hints(cls)
+    values = {name: _convert(hints[name], value, _join(where, name)) for name, value in data.items()}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, OptionsError):
+            raise
+        raise OptionsError(f"{_name(where) or 'options'}: {error}") from None
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    """``value`` checked against the type ``hint`` (nested dataclasses built)."""
+    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if dataclasses.is_dataclass(value):
+            return value
+        return from_dict(hint, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in arguments:
+            return None
+        errors = []
+        for argument in (a for a in arguments if a is not type(None)):
+            try:
+                return _convert(argument, value, path)
+            except OptionsError as error:
+                errors.append(str(error))
+        raise OptionsError(errors[0] if len(errors) == 1 else f"option '{path}': {_describe(value)} fits none of {hint}")
+    if origin is typing.Literal:
+        if value in arguments:
+            return value
+        raise OptionsError(f"option '{path}' must be one of {list(arguments)}, got {value!r}")
+    if hint is Any:
+        return value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise OptionsError(f"option '{path}' must be a number, got {_describe(value)}") from None
+    if hint in (int, str, bool):
+        if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+            return value
+        raise OptionsError(f"option '{path}' must be {hint.__name__}, got {_describe(value)}")
+    container = origin or hint
+    if container in (dict, Mapping, collections.abc.Mapping):
+        if isinstance(value, Mapping):
+            return dict(value)
+        raise OptionsError(f"option '{path}' must be a mapping, got {_describe(value)}")
+    if container in (list, tuple, Sequence, collections.abc.Sequence):
+        if isinstance(value, (list, tuple)):
+            item = arguments[0] if arguments else Any
+            return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        raise OptionsError(f"option '{path}' must be a list, got {_describe(value)}")
+    if hint is float:
+        raise OptionsError(f"option '{path}' must be a number, got {_describe(value)}")
+    return value
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _name(where: str) -> str:
+    return f"option '{where}'" if where else ""
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
+    """``base`` with ``update`` merged in, recursively for nested mappings.
+
+    Used for partial settings (e.g. descriptor hypers): keys of ``update``
+    replace those of ``base``; nested mappings merge key by key.
+    """
+    merged = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+# --------------------------------------------------------------------- files ---
+def read_yaml(path: str) -> Dict[str, Any]:
+    """A YAML file of options as nested plain data; errors name the file."""
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no such options file: '{path}'") from None
+    except yaml.YAMLError as error:
+        raise OptionsError(f"options file '{path}' is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise OptionsError(f"options file '{path}' must hold a mapping, got {_describe(data)}")
+    return data
+
+
+def write_yaml(path: str, data: Mapping[str, Any]) -> None:
+    """Write plain data as YAML, atomically (keys in definition order)."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        yaml.safe_dump(dict(data), f, sort_keys=False)
+
+
+def dump_yaml(data: Mapping[str, Any]) -> str:
+    """Plain data as a YAML string (keys in definition order)."""
+    return yaml.safe_dump(dict(data), sort_keys=False)
+
+
+# ----------------------------------------------------------------- overrides ---
+def parse_override(text: str) -> Tuple[List[str], Any]:
+    """``"train.epochs=20"`` -> ``(["train", "epochs"], 20)``; the value is read as YAML."""
+    key, separator, raw = text.partition("=")
+    if not separator or not key.strip():
+        raise OptionsError(f"override '{text}' must look like key=value, e.g. train.epochs=20")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        raise OptionsError(f"override '{text}': the value is not valid YAML: {error}") from None
+    return key.strip().split("."), value
+
+
+def apply_override(data: Dict[str, Any], path: Sequence[str], value: Any) -> Dict[str, Any]:
+    """Set ``data[path[0]][path[1]]... = value`` in place (creating nested mappings)."""
+    node = data
+    for depth, name in enumerate(path[:-1]):
+        child = node.setdefault(name, {})
+        if not isinstance(child, dict):
+            raise OptionsError(
+                f"override of '{'.'.join(path)}': '{'.'.join(path[: depth + 1])}' is not a mapping"
+            )
+        node = child
+    node[path[-1]] = value
+    return data
+
+
+# --------------------------------------------------------------------- flags ---
+def leaf_options(cls: type, where: str = "") -> List[Tuple[str, Any, Any, str]]:
+    """``(dotted name, type hint, default, help)`` of every option of ``cls``, nested
+    dataclasses expanded, in definition order."""
+    hints = typing.get_type_hints(cls)
+    documented = parameter_docs(cls)
+    leaves = []
+    for field in dataclasses.fields(cls):
+        if not field.init:
+            continue
+        name, hint = _join(where, field.name), hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            leaves.extend(leaf_options(hint, name))
+            continue
+        default = (
+            field.default_factory() if field.default_factory is not dataclasses.MISSING
+            else field.default
+        )
+        leaves.append((name, hint, default, field.metadata.get("help", documented.get(field.name, ""))))
+    return leaves
+
+
+def parameter_docs(cls: type) -> Dict[str, str]:
+    """First sentence of each parameter's description in the class's numpydoc
+    ``Parameters`` section (``name : type`` lines, descriptions indented below)."""
+    lines = inspect.cleandoc(cls.__doc__ or "").splitlines()
+    if "Parameters" not in lines:
+        return {}
+    descriptions: Dict[str, str] = {}
+    names: List[str] = []
+    for line in lines[lines.index("Parameters") + 2 :]:
+        if line and not line.startswith(" "):
+            if not line.rstrip("-").strip() or line.strip() in SECTION_NAMES:
+                break
+            names = [name.strip() for name in line.split(":")[0].split(",")]
+        elif line.strip():
+            for name in names:
+                descriptions[name] = (descriptions.get(name, "") + " " + line.strip()).strip()
+    return {name: _first_sentence(text) for name, text in descriptions.items()}
+
+
+def _first_sentence(text: str) -> str:
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
+
+
+SECTION_NAMES = ("Returns", "Notes", "Attributes", "Examples", "Raises", "See Also")
+
+
+def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--dotted.name VALUE`` flag per option of ``cls``; values are read as YAML.
+
+    The flags default to "not given", so that only what a user typed
+    overrides the options file; ``--help`` shows each option's default.
+    """
+    group = parser.add_argument_group(f"options ({cls.__name__}; also settable in the options file)")
+    for name, hint, default, help_text in leaf_options(cls):
+        shown = "null" if default is None else default
+        kind = {"action": argparse.BooleanOptionalAction} if hint is bool else {"metavar": "VALUE"}
+        group.add_argument(
+            "--" + name.replace("_", "-"),
+            dest="option:" + name,
+            default=argparse.SUPPRESS,
+            help=f"{help_text.replace('``', '')} (default: {shown})".replace("%", "%%"),
+            **kind,
+        )
+
+
+def flag_overrides(args: argparse.Namespace) -> List[Tuple[List[str], Any]]:
+    """The options given as flags (see :func:`add_flags`), as ``(path, value)`` overrides."""
+    overrides = []
+    for dest, raw in vars(args).items():
+        if dest.startswith("option:"):
+            value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+            overrides.append((dest[len("option:"):].split("."), value))
+    return overrides
+
+
+def add_options_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """``--options FILE``, ``-r KEY=VALUE`` and one flag per option of ``cls``
+    (:func:`add_flags`); read them back with :func:`options_from_arguments`."""
+    parser.add_argument("--options", metavar="FILE", help="options file (YAML)")
+    parser.add_argument("-r", "--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="set any option, e.g. -r max_cycle=200 (repeatable)")
+    add_flags(parser, cls)
+
+
+def options_from_arguments(cls: Type[T], args: argparse.Namespace) -> T:
+    """The options of ``cls`` from the defaults, ``--options FILE``, ``-r`` overrides and
+    flags, later ones winning (see :func:`add_options_arguments`)."""
+    data = read_yaml(args.options) if args.options else {}
+    for path, value in [parse_override(text) for text in args.override] + flag_overrides(args):
+        apply_override(data, path, value)
+    return from_dict(cls, data)

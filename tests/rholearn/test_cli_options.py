@@ -1,0 +1,123 @@
+"""`rholearn defaults`, `rholearn train options.yaml -r key=value`, `rholearn export`:
+options defined once, expanded into the run folder, bad options named before any work."""
+
+import os
+
+import ase.io
+import pytest
+import yaml
+from metatomic.torch import load_atomistic_model
+
+from rhocalc import cli as rhocalc_cli
+from rhocalc.structures import distorted_waters
+from rholearn import __version__, cli, workflow
+from rholearn.descriptors import DEFAULT_HYPERS
+from rholearn.export import OUTPUT_NAME
+from rholearn.options import from_dict, to_dict
+
+FAST = ["--xc", "HF", "--basis", "sto-3g", "--auxbasis", "def2-universal-jfit", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-options")
+    structures = str(root / "waters.xyz")
+    ase.io.write(structures, distorted_waters(6, seed=3))
+    out = str(root / "dataset")
+    assert rhocalc_cli.main(["pyscf", structures, "--out", out, *FAST]) == 0
+    return out
+
+
+def test_defaults_are_the_python_defaults(capsys):
+    assert cli.main(["defaults"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    assert data.pop("dataset") == "dataset" and data.pop("run") == "run"
+    assert to_dict(from_dict(workflow.FitOptions, data)) == to_dict(workflow.FitOptions())
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["--version"])
+    assert exit.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_train_from_an_options_file(dataset, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    options = tmp_path / "options.yaml"
+    options.write_text(
+        f"dataset: {dataset}\nrun: {run}\nn_train: 4\nn_val: 1\n"
+        "hypers:\n  cutoff:\n    radius: 3.0\n"
+    )
+    assert cli.main(["train", str(options), "-r", "split_seed=2", "--solve.regularisation", "1e-6"]) == 0
+    with open(os.path.join(run, cli.RUN_OPTIONS_FILE)) as f:
+        expanded = yaml.safe_load(f)
+    assert expanded["dataset"] == dataset and expanded["split_seed"] == 2
+    assert expanded["solve"]["regularisation"] == 1e-6
+    # partial hypers are merged into the defaults, and the run records all of them
+    assert expanded["hypers"]["cutoff"]["radius"] == 3.0
+    assert expanded["hypers"]["basis"] == DEFAULT_HYPERS["basis"]
+    assert os.path.exists(os.path.join(run, workflow.MODEL_FILE))
+
+    # the run folder's options reproduce it: a copy with another run folder trains the same
+    again = str(tmp_path / "again")
+    assert cli.main(["train", os.path.join(run, cli.RUN_OPTIONS_FILE), "--run", again]) == 0
+    with open(os.path.join(again, cli.RUN_OPTIONS_FILE)) as f:
+        assert {**yaml.safe_load(f), "run": run} == expanded
+
+    exported = str(tmp_path / "exported.pt")
+    assert cli.main(["export", run, "--out", exported]) == 0
+    loaded = load_atomistic_model(exported)
+    assert OUTPUT_NAME in loaded.capabilities().outputs
+    assert loaded.capabilities().atomic_types == [1, 8]
+
+
+@pytest.mark.parametrize(
+    "extra, culprit",
+    [
+        (["-r", "train.epoch=3"], "train.epoch"),
+        (["-r", "n_train=many"], "n_train"),
+        (["--model", "forest"], "forest"),
+        (["-r", "notakey"], "key=value"),
+        (["--solve.regularisation", "[1, x]"], "regularisation"),
+    ],
+)
+def test_bad_options_are_named_before_any_work(dataset, tmp_path, capsys, extra, culprit):
+    run = tmp_path / "run"
+    assert cli.main(["train", dataset, "--run", str(run), *extra]) == 2
+    error = capsys.readouterr().err
+    assert culprit in error and len(error.strip().splitlines()) == 1
+    assert not run.exists()
+
+
+def test_bad_options_file_is_named(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("dataset: [unclosed\n")
+    assert cli.main(["train", str(bad)]) == 2
+    assert "bad.yaml" in capsys.readouterr().err
+    assert cli.main(["train", str(tmp_path / "absent.yaml")]) == 2
+    assert "absent.yaml" in capsys.readouterr().err
+
+
+def test_split_as_fractions_or_a_file(dataset, tmp_path):
+    run = str(tmp_path / "fractions")
+    assert cli.main(["train", dataset, "--run", run, "--n-train", "0.5", "--n-val", "0.2"]) == 0
+    with open(os.path.join(run, workflow.SPLIT_FILE)) as f:
+        split = yaml.safe_load(f)
+    assert [len(split[name]) for name in ("train", "val", "test")] == [3, 1, 2]
+
+    chosen = {"train": [5, 0, 2], "val": [1], "test": [3, 4]}
+    split_file = tmp_path / "split.yaml"
+    split_file.write_text(yaml.safe_dump(chosen))
+    run = str(tmp_path / "from-file")
+    assert cli.main(["train", dataset, "--run", run, "--split-file", str(split_file)]) == 0
+    with open(os.path.join(run, workflow.SPLIT_FILE)) as f:
+        assert yaml.safe_load(f) == {name: sorted(v) for name, v in chosen.items()}
+
+
+def test_bad_split_options_are_named(dataset, tmp_path, capsys):
+    assert cli.main(["train", dataset, "--run", str(tmp_path / "r"), "--n-train", "1.5"]) == 2
+    assert "n_train" in capsys.readouterr().err
+    assert cli.main(["train", dataset, "--run", str(tmp_path / "r"),
+                     "--split-file", str(tmp_path / "nowhere.json")]) == 2
+    assert "nowhere.json" in capsys.readouterr().err

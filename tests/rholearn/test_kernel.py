@@ -1,0 +1,104 @@
+"""The sparse equivariant kernel model: references, projection, equivariance, save/load, export."""
+
+import ase.build
+import pytest
+import torch
+from metatomic.torch import systems_to_torch
+
+from rholearn.models import DensityModel
+from rholearn.models.kernel import farthest_point_sampling
+from rholearn.testing import assert_equivariant
+from rhocalc.pyscf import basis_set
+from rhocalc.structures import distorted_waters
+
+from small_setup import HYPERS
+
+# def2-universal-jkfit: l up to 4 on O and C, 2 on H
+AUXBASIS = "def2-universal-jkfit"
+
+
+def training_frames():
+    frames = distorted_waters(6, seed=2)
+    for seed in range(3):
+        atoms = ase.build.molecule("CH3OH")
+        atoms.rattle(0.1, seed=seed)
+        frames.append(atoms)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = DensityModel(basis_set(AUXBASIS, ["H", "C", "O"]), HYPERS, "kernel", n_references=5, seed=1)
+    frames = training_frames()
+    model.net.fit_references(model.descriptor.compute(frames))
+    with torch.no_grad():  # random weights, so that every output block is nonzero
+        for parameter in model.net.head.parameters():
+            parameter.copy_(torch.randn_like(parameter))
+    return model
+
+
+def test_farthest_point_sampling_picks_the_extremes_first():
+    points = torch.tensor([[0.0], [1.0], [10.0], [4.0], [9.0]], dtype=torch.float64)
+    assert farthest_point_sampling(points, 3).tolist() == [0, 2, 3]
+    assert farthest_point_sampling(points, 10).tolist() == [0, 2, 3, 1, 4]
+
+
+def test_references_are_fitted_per_element_and_block(model):
+    active = dict(zip(model.keys, model.net.active_features()))
+    for (l, _, z), n_active in active.items():
+        assert 0 < n_active <= 5 * (2 * l + 1), (l, z)
+
+
+def test_projected_features_reproduce_the_kernel_of_the_references(model):
+    """Psi Psi^T = K on the references: the K_MM^{-1/2} projection is exact within the cut-off."""
+    features = model.net.features
+    for index, key in enumerate(features.keys):
+        block = features.blocks[index]
+        n = int(block.n_active)
+        references, invariants = block.references, block.reference_invariants
+        psi = block(references, invariants, features.zeta)  # (M, 2l+1, M (2l+1))
+        k0 = invariants @ invariants.T
+        kernel = torch.einsum("aif,bjf->aibj", references, references) * k0[:, None, :, None]
+        gram = torch.einsum("aik,bjk->aibj", psi[..., :n], psi[..., :n])
+        scale = float(kernel.abs().max())
+        assert float((gram - kernel).abs().max()) < 1e-6 * scale, key
+        assert float(psi[..., n:].abs().sum()) == 0.0
+
+
+def test_the_kernel_model_is_equivariant_for_every_lambda(model):
+    atoms = ase.build.molecule("CH3CH2OH")
+    atoms.rattle(0.05, seed=7)
+    prediction = model.predict([atoms])
+    lambdas = {int(key["o3_lambda"]) for key, block in prediction.items() if block.values.abs().max() > 0}
+    assert lambdas == {0, 1, 2, 3, 4}
+    assert_equivariant(lambda a: model.predict([a]), atoms, seed=3, atol=1e-9, inversion=True)
+
+
+def test_a_saved_kernel_model_predicts_the_same(model, tmp_path):
+    path = str(tmp_path / "model.pt")
+    model.save(path)
+    reloaded = DensityModel.load(path)
+    frames = distorted_waters(2, seed=11)
+    expected = model.predict(frames)
+    for key, block in reloaded.predict(frames).items():
+        torch.testing.assert_close(block.values, expected.block(key).values, rtol=0, atol=0)
+
+
+def test_the_exported_kernel_model_predicts_the_same(model, tmp_path):
+    path = str(tmp_path / "model.torchscript")
+    model.export(path)
+    scripted = torch.jit.load(path)
+    frames = distorted_waters(2, seed=12)
+    expected = model.predict(frames)
+    found = scripted(systems_to_torch(frames, dtype=torch.float64))
+    for key, block in expected.items():
+        torch.testing.assert_close(found.block(key).values, block.values, rtol=1e-12, atol=1e-12)
+
+
+def test_the_kernel_model_needs_invariant_blocks_and_references():
+    from rholearn.models import KernelModel
+
+    with pytest.raises(ValueError, match="invariant .* center_type \\[8\\]"):
+        KernelModel([(1, 1, 8)], [10], [3])
+    with pytest.raises(ValueError, match="n_references must be >= 1"):
+        KernelModel([(0, 1, 8)], [10], [3], n_references=0)
