@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import inspect
 import json
+import re
 import types
 import typing
 from typing import Any, Dict, List, Mapping, Sequence, Tuple, Type, TypeVar
@@ -112,10 +113,15 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         if isinstance(value, Mapping):
             return dict(value)
         raise OptionsError(f"option '{path}' must be a mapping, got {_describe(value)}")
+    if container is tuple and arguments and arguments[-1] is not Ellipsis:  # Tuple[int, int]
+        if isinstance(value, (list, tuple)) and len(value) == len(arguments):
+            return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(arguments, value)))
+        raise OptionsError(f"option '{path}' must be a list of {len(arguments)}, got {_describe(value)}")
     if container in (list, tuple, Sequence, collections.abc.Sequence):
         if isinstance(value, (list, tuple)):
             item = arguments[0] if arguments else Any
-            return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+            items = [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
+            return tuple(items) if container is tuple else items
         raise OptionsError(f"option '{path}' must be a list, got {_describe(value)}")
     if hint is float:
         raise OptionsError(f"option '{path}' must be a number, got {_describe(value)}")
@@ -246,8 +252,8 @@ def parameter_docs(cls: type) -> Dict[str, str]:
 
 
 def _first_sentence(text: str) -> str:
-    end = text.find(". ")
-    return text if end < 0 else text[: end + 1]
+    match = re.search(r"(?<!e\.g)(?<!i\.e)\.\s", text)
+    return text if match is None else text[: match.start() + 1]
 
 
 SECTION_NAMES = ("Returns", "Notes", "Attributes", "Examples", "Raises", "See Also")
@@ -287,7 +293,7 @@ def add_options_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     (:func:`add_flags`); read them back with :func:`options_from_arguments`."""
     parser.add_argument("--options", metavar="FILE", help="options file (YAML)")
     parser.add_argument("-r", "--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="set any option, e.g. -r max_cycle=200 (repeatable)")
+                        help="set any option of the options file (repeatable)")
     add_flags(parser, cls)
 
 

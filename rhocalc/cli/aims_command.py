@@ -14,8 +14,13 @@ import os
 import sys
 
 from rholearn.dataset import exclusive_lock
+from rholearn.options import add_options_arguments, options_from_arguments
+from rhocalc.aims.options import AimsOptions
 
 from . import batch_command
+
+OPTIONS = AimsOptions
+"""The options of this backend (``--options FILE``, ``-r``, flags; ``rhocalc defaults aims``)."""
 
 
 def add_parser(subparsers) -> None:
@@ -33,39 +38,7 @@ def add_parser(subparsers) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     batch_command.add_dataset_arguments(parser)
-    parser.add_argument(
-        "--species-dir", metavar="DIR",
-        help="aims species defaults (01_H_default, ...); default: $AIMS_SPECIES_DIR",
-    )
-    parser.add_argument(
-        "--command", help="command running aims in a run folder, e.g. 'mpirun -np 4 "
-        "aims.x' (its output goes to aims.out); default: $ASE_AIMS_COMMAND",
-    )
-    parser.add_argument("--xc", default="pbe", help="aims xc keyword")
-    parser.add_argument(
-        "--relativistic", default="atomic_zora scalar", help="aims relativistic keyword"
-    )
-    parser.add_argument(
-        "--k-grid", type=int, nargs=3, metavar="N", help="k-point grid (periodic structures)"
-    )
-    parser.add_argument(
-        "--prodbas-acc", type=float, default=1e-5, help="default_prodbas_acc of the RI fit"
-    )
-    parser.add_argument(
-        "--max-l-prodbas", type=int, help="default_max_l_prodbas (default: aims' own)"
-    )
-    parser.add_argument(
-        "--orbitals", type=int, nargs=2, metavar=("FIRST", "LAST"),
-        help="fit the orbital densities of Kohn-Sham states FIRST..LAST (1-based) "
-        "instead of the total density",
-    )
-    parser.add_argument(
-        "--cube", action="store_true", help="also write SCF densities as cube files"
-    )
-    parser.add_argument(
-        "--keyword", action="append", default=[], metavar="KEY=VALUE",
-        help="further control.in keyword for every step (repeatable)",
-    )
+    add_options_arguments(parser, OPTIONS)
     parser.add_argument(
         "--slurm", action="store_true",
         help="write SLURM array job scripts (DIR/aims-runs/slurm-<step>.sh) instead of "
@@ -102,14 +75,7 @@ def run(args: argparse.Namespace) -> int:
     from rhocalc import aims  # imported here: `rhocalc --help` stays fast
 
     try:
-        options = aims.AimsOptions(
-            species_dir=args.species_dir, command=args.command, xc=args.xc,
-            relativistic=args.relativistic,
-            k_grid=tuple(args.k_grid) if args.k_grid else None,
-            prodbas_acc=args.prodbas_acc, max_l_prodbas=args.max_l_prodbas,
-            orbitals=tuple(args.orbitals) if args.orbitals else None, cube=args.cube,
-            keywords=dict(_keyword(text) for text in args.keyword),
-        )
+        options = options_from_arguments(OPTIONS, args)
         options.resolved_command()  # a bad $ASE_AIMS_COMMAND is an error here, not later
     except ValueError as error:
         print(f"rhocalc aims: error: {error}", file=sys.stderr)
@@ -149,10 +115,3 @@ def run_parse(args: argparse.Namespace) -> int:
         return batch_command.run_and_summarise(
             args, structures, compute, basis, settings=aims.run.DATASET_SETTINGS, locked=True
         )
-
-
-def _keyword(text: str):
-    key, separator, value = text.partition("=")
-    if not separator or not key:
-        raise ValueError(f"--keyword {text!r}: expected KEY=VALUE")
-    return key.strip(), value.strip()

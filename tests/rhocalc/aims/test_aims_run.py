@@ -240,7 +240,15 @@ def test_cli(tmp_path, no_aims, structures, capsys):
     assert "sbatch " in capsys.readouterr().out
     script = read_script(os.path.join(out, "aims-runs", "slurm-scf.sh"))
     assert "#SBATCH --partition=debug" in script and "\nsrun aims.x > aims.out" in script
-    assert main(["aims", *common, "--slurm", "--k-grid", "0", "1", "1"]) == 2
+    assert main(["aims", *common, "--slurm", "--k-grid", "[0, 1, 1]"]) == 2
+    assert "k_grid must be 3 integers >= 1" in capsys.readouterr().err
+    assert main(["aims", *common, "--slurm", "-r", "k_grid=[2, 2]"]) == 2
+    assert "option 'k_grid' must be a list of 3" in capsys.readouterr().err
+    other = [path, "--out", str(tmp_path / "other"), *common[3:]]
+    assert main(["aims", *other, "--slurm", "--command", "srun aims.x",
+                 "-r", "keywords.sc_iter_limit=200"]) == 0
+    assert "sc_iter_limit" in open(os.path.join(tmp_path, "other", "aims-runs", "0", "scf",
+                                                "control.in")).read()
     assert main(["aims-parse", str(tmp_path / "nothing"), "--quiet"]) == 2
     assert "holds no aims runs" in capsys.readouterr().err
     with pytest.raises(SystemExit):
