@@ -41,6 +41,7 @@ from metatensor.learn.data import IndexedDataset
 
 from .data import make_dataloader
 from .files import atomic_path, remove_stale_files, write_json
+from .models.weights import load_weights
 from .runlog import run_log
 
 OPTIONS_FILE = "options.json"
@@ -336,7 +337,7 @@ def load_checkpoint(
     """
     checkpoint = _read_checkpoint(path)
     try:
-        model.load_state_dict(checkpoint["model"])
+        load_weights(model, checkpoint["model"])
         if optimizer is not None or scheduler is not None or generator is not None:
             if "optimizer" not in checkpoint:
                 raise ValueError(

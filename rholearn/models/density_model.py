@@ -29,6 +29,7 @@ from .baseline import Baseline
 from .kernel import KernelModel
 from .linear import LinearModel
 from .nonlinear import NonlinearModel
+from .weights import load_weights
 
 NETS = {"linear": LinearModel, "nonlinear": NonlinearModel, "kernel": KernelModel}
 """Network kinds by name, as stored in saved models."""
@@ -307,7 +308,7 @@ class DensityModel(torch.nn.Module):
                 f"features per block, the model was trained with {state['in_features']} "
                 "(different featomic version?)"
             )
-        model.net.load_state_dict(state["net_state"])
+        load_weights(model.net, state["net_state"])
         return model
 
     def export(self, path: str) -> None:
