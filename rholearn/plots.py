@@ -121,7 +121,8 @@ def plot_parity(predicted: Sequence, reference: Sequence, path: str) -> Dict[int
     if sorted(pred) != sorted(ref) or any(pred[l].shape != ref[l].shape for l in ref):
         raise ValueError("predicted and reference coefficients have different blocks or samples")
     plt = _pyplot()
-    figure, panels = plt.subplots(1, len(ref), figsize=(2.6 * len(ref), 2.8), squeeze=False)
+    figure, panels = plt.subplots(1, len(ref), figsize=(3.0 * len(ref), 3.0), squeeze=False,
+                                  layout="constrained")
     rmse = {}
     for axes, l in zip(panels[0], sorted(ref)):
         rmse[l] = float(np.sqrt(np.mean((pred[l] - ref[l]) ** 2)))
