@@ -14,6 +14,7 @@ import torch
 
 from rholearn import cli as rholearn_cli
 from rholearn import layout, workflow
+from rholearn.workflow.fitting import _split
 from rholearn.models import DensityModel
 from rholearn.train import LAST_CHECKPOINT
 from rhocalc import cli as rhocalc_cli
@@ -176,9 +177,9 @@ def test_train_with_only_n_train_defaults_the_other_sizes(trained, tmp_path):
         split = json.load(f)
     # 10 % of 6 rounds to 0 validation structures; the rest is the test set
     assert [len(split[name]) for name in workflow.SUBSETS] == [3, 0, N_WATERS - 3]
-    sizes = workflow._split(range(100), workflow.FitOptions(n_train=10))
+    sizes = _split(range(100), workflow.FitOptions(n_train=10))
     assert [len(subset) for subset in sizes] == [10, 10, 80]
-    sizes = workflow._split(range(100), workflow.FitOptions(n_val=30))
+    sizes = _split(range(100), workflow.FitOptions(n_val=30))
     assert [len(subset) for subset in sizes] == [70, 30, 0]
 
 
