@@ -77,7 +77,8 @@ def splits(name: str, folder, train_sizes, n_test: int, n_val: int, n_test_molec
 
 def fit_options(model: str, args) -> workflow.FitOptions:
     """The options of each benchmarked model (``--descriptor`` for all)."""
-    return dataclasses.replace(_model_options(model, args), descriptor=args.descriptor)
+    return dataclasses.replace(_model_options(model, args), descriptor=args.descriptor,
+                               descriptor_options={})  # the chosen descriptor's defaults
 
 
 def _model_options(model: str, args) -> workflow.FitOptions:

@@ -140,6 +140,32 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
+def keyword_options(
+    target: Any, given: Mapping[str, Any], where: str, exclude: Sequence[str] = ("dtype", "device")
+) -> Dict[str, Any]:
+    """``given`` completed with the defaults of ``target``'s keyword arguments.
+
+    For free-form options passed on to a constructor (e.g. a model's
+    ``n_references``): the result lists every keyword the constructor takes
+    with a default (except ``exclude``), as plain data, so that written-out
+    options show them all; a key the constructor does not take raises an
+    :class:`OptionsError` naming ``where.key``.
+    """
+    parameters = inspect.signature(target).parameters.values()
+    defaults = {
+        p.name: p.default for p in parameters
+        if p.default is not inspect.Parameter.empty and p.name not in exclude
+    }
+    unknown = sorted(set(given) - set(defaults))
+    if unknown:
+        name = getattr(target, "__name__", str(target))
+        raise OptionsError(
+            f"unknown option '{where}.{unknown[0]}' for {name}, which takes: "
+            f"{', '.join(sorted(defaults)) or 'none'} (options of another choice left behind?)"
+        )
+    return json.loads(json.dumps({**defaults, **given}))
+
+
 def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
     """``base`` with ``update`` merged in, recursively for nested mappings.
 

@@ -24,7 +24,7 @@ from ..loss import CoefficientLoss, OverlapLoss, ProjectionLoss
 from ..metrics import overlap_norms
 from ..models import Baseline, DensityModel
 from ..models.density_model import DEFAULT_DESCRIPTOR, NETS
-from ..options import merge, read_yaml
+from ..options import keyword_options, merge, read_yaml
 from ..solve import SolveOptions, solve_linear
 from ..runlog import run_log
 from ..train import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainOptions, load_checkpoint, train
@@ -87,9 +87,12 @@ class FitOptions:
         Lambda-SOAP calculator (:data:`rholearn.descriptors.DESCRIPTORS`); a
         contracted one is fitted on the training structures.
     descriptor_options : dict
-        Passed to the descriptor (``n_channels`` for ``"contracted"``).
+        Passed to the descriptor (``n_channels`` for ``"contracted"``); completed
+        with the descriptor's defaults, and a key it does not take is refused.
     model_options : dict
-        Passed to the network (``seed``, ``hidden_sizes``, ...).
+        Passed to the network (kernel: ``n_references``, ``zeta``, ``eigen_cutoff``,
+        ``seed``; nonlinear: ``hidden_sizes``, ``width``, ``seed``); completed with
+        the network's defaults, and a key it does not take is refused.
     train : TrainOptions
         Optimiser, epochs, device, ... (``solver="gradient"``; the direct solve
         uses its dtype and device).
@@ -118,6 +121,12 @@ class FitOptions:
         if self.descriptor not in DESCRIPTORS:
             raise ValueError(f"descriptor must be one of {sorted(DESCRIPTORS)}, got '{self.descriptor}'")
         self.hypers = merge(DEFAULT_HYPERS, self.hypers or {})
+        self.descriptor_options = keyword_options(
+            DESCRIPTORS[self.descriptor], self.descriptor_options or {}, "descriptor_options",
+            exclude=("dtype", "device", "target_keys"),
+        )
+        self.model_options = keyword_options(NETS[self.model], self.model_options or {},
+                                             "model_options")
         for name in ("n_train", "n_val", "n_test"):
             size = getattr(self, name)
             if isinstance(size, float) and not 0.0 <= size <= 1.0:

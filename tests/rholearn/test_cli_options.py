@@ -57,6 +57,9 @@ def test_train_from_an_options_file(dataset, tmp_path, capsys):
     # partial hypers are merged into the defaults, and the run records all of them
     assert expanded["hypers"]["cutoff"]["radius"] == 3.0
     assert expanded["hypers"]["basis"] == DEFAULT_HYPERS["basis"]
+    # the model's and descriptor's own options are written out with their defaults
+    assert expanded["model_options"]["n_references"] == 100 and expanded["model_options"]["zeta"] == 2.0
+    assert "n_channels" in expanded["descriptor_options"]
     assert os.path.exists(os.path.join(run, workflow.MODEL_FILE))
 
     # the run folder's options reproduce it: a copy with another run folder trains the same
@@ -80,6 +83,8 @@ def test_train_from_an_options_file(dataset, tmp_path, capsys):
         (["--model", "forest"], "forest"),
         (["-r", "notakey"], "key=value"),
         (["--solve.regularisation", "[1, x]"], "regularisation"),
+        (["-r", "model_options.zetta=3"], "model_options.zetta"),
+        (["--model", "linear", "-r", "model_options.zeta=3"], "model_options.zeta"),
     ],
 )
 def test_bad_options_are_named_before_any_work(dataset, tmp_path, capsys, extra, culprit):
