@@ -30,7 +30,7 @@ from ase.io.formats import string2index
 from . import __version__, layout, workflow
 from .dataset import read_structures
 from .export import OUTPUT_NAME, export_atomistic
-from .files import error_line, remove_stale_files, write_json
+from .files import error_line, write_json
 from .models import DensityModel
 from .options import (
     OptionsError,
@@ -155,7 +155,6 @@ RUN/options.yaml --resume`` continues it, and a copy with another ``run`` repeat
 
 def _train(args) -> int:
     dataset, run, options, expanded = read_train_options(args)
-    remove_stale_files(run, subfolders=True)  # what a killed run left, for any solver
     os.makedirs(run, exist_ok=True)
     write_yaml(os.path.join(run, RUN_OPTIONS_FILE), expanded)
     result = workflow.fit(dataset, run, options, resume=args.resume)

@@ -81,6 +81,7 @@ def evaluate(
             ("overlap", layout.OVERLAP_FILE),
         )
     }
+    backend = dataset_backend(folder.root, folder.basis) if real_space else None
     rows, norms = [], []
     parity: Dict[str, List[TensorMap]] = {"predicted": [], "reference": []}
     seconds = {"predict": 0.0, "real_space": 0.0}
@@ -103,7 +104,9 @@ def evaluate(
             _write_evaluated(out, index, prediction, reference, parity)
         if real_space:
             start = time.perf_counter()
-            row.update(_real_space_errors(atoms, prediction, reference, folder, index, grid_level))
+            row.update(_real_space_errors(
+                backend, atoms, prediction, reference, folder, index, grid_level
+            ))
             seconds["real_space"] += time.perf_counter() - start
         rows.append(row)
     summary = error_summary(norms)
@@ -132,11 +135,12 @@ def _write_evaluated(out, index, prediction, reference, parity) -> None:
     parity["reference"].append(align_samples(reference, prediction, "reference"))
 
 
-def _real_space_errors(atoms, prediction, reference, folder, index, grid_level) -> Dict[str, float]:
+def _real_space_errors(
+    backend, atoms, prediction, reference, folder, index, grid_level
+) -> Dict[str, float]:
     """L1 errors (%) of the predicted density against the RI and SCF densities, on
-    the grid of the backend that computed the dataset (:mod:`rholearn.backends`),
+    the grid of ``backend``, the one that computed the dataset (:mod:`rholearn.backends`),
     which reruns the SCF with the options in the structure's ``info.json``."""
-    backend = dataset_backend(folder.root, folder.basis)
     with open(os.path.join(layout.structure_dir(folder.root, index), layout.INFO_FILE)) as f:
         info = json.load(f)
     points, weights = backend.integration_grid(atoms, grid_level)

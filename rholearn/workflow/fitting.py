@@ -19,9 +19,10 @@ from .. import __version__, layout
 from ..descriptors import DEFAULT_HYPERS, DESCRIPTORS
 from ..data import StructureDescriptors, TargetFile, make_dataloader, make_dataset, split_indices
 from ..dataset import read_dataset
-from ..files import differing_keys, recorded_json, write_json
+from ..files import differing_keys, recorded_json, remove_stale_files, write_json
 from ..loss import CoefficientLoss, OverlapLoss, ProjectionLoss
-from ..metrics import overlap_norms
+from ..metrics import subtract_baseline
+from ..overlap import SparseOverlap
 from ..models import Baseline, DensityModel
 from ..models.density_model import DEFAULT_DESCRIPTOR, NETS
 from ..options import keyword_options, merge, read_yaml
@@ -279,9 +280,8 @@ def _spread(folder, indices: Sequence[int], baseline: Baseline, dtype) -> float:
     }
     total = 0.0
     for index in indices:
-        reference = files["c"](index)
-        norms = overlap_norms(reference, reference, files["S"](index), baseline.means)
-        total += float(norms.spreads.sum())
+        centred = subtract_baseline(files["c"](index), baseline.means)
+        total += float(SparseOverlap(files["S"](index), centred).quadratic(centred).sum())
     return total
 
 
@@ -292,7 +292,7 @@ def _joined(tensors: List[TensorMap]) -> TensorMap:
 
 def _solve(
     model, datasets, split, options: FitOptions, run_dir: str, resume: bool, reference_seconds: float
-) -> List[dict]:
+) -> Dict[str, object]:
     """Direct solve (:func:`rholearn.solve.solve_linear`); writes ``solve.json``
     (with ``seconds``: ``references`` for fitting the kernel references,
     ``total`` for the solve) and returns that record (its ``grid``: one row
@@ -331,6 +331,7 @@ def _claim_run_dir(run_dir: str, dataset: str, options: FitOptions, split, resum
             "continue it or choose another run folder"
         )
     os.makedirs(run_dir, exist_ok=True)
+    remove_stale_files(run_dir, subfolders=True)  # what a killed run left, for either solver
     differing = differing_keys(recorded_json(fit_path, record), json.loads(json.dumps(record)))
     if differing:
         raise ValueError(

@@ -67,6 +67,17 @@ def test_fit_writes_a_reproducible_run(fitted, dataset):
     assert losses[-1] < 0.1 * losses[0]
 
 
+def test_logged_validation_rmse_is_the_evaluated_one(fitted, dataset):
+    """The per-epoch validation % RMSE of log.csv is SALTED's RMSE of the model of that
+    epoch on the validation structures, as evaluate computes it."""
+    best = min(fitted.history, key=lambda record: record["val_loss"])
+    errors = workflow.evaluate(fitted.model, dataset, fitted.split["val"], real_space=False,
+                               progress=False)
+    assert best["val_rmse_percent"] == pytest.approx(errors["summary"]["rmse_percent"], rel=1e-9)
+    with open(os.path.join(fitted.run_dir, "train.log")) as f:
+        assert "val RMSE" in f.read()
+
+
 def test_evaluate_separates_model_and_basis_errors(fitted, dataset):
     errors = workflow.evaluate(fitted.model, dataset, fitted.split["test"], progress=False)
     rows, summary = errors["structures"], errors["summary"]
