@@ -49,7 +49,8 @@ from typing import Callable, Dict, Iterable, List, NamedTuple, Optional, Sequenc
 import torch
 from metatensor.torch import TensorBlock, TensorMap
 
-from .overlap import SparseOverlap, align_samples
+from .metrics import subtract_baseline
+from .overlap import _BITS, SparseOverlap, _lookup, _row_ids, align_samples
 
 SOLVERS = ("auto", "cholesky", "cg")
 
@@ -287,14 +288,8 @@ def _chunk(model, features, head, blocks: List[_Block], batch) -> _Chunk:
         if block.bias:
             values = torch.cat([values, torch.ones_like(values[..., :1])], dim=-1)
         per_key[block.key] = values
-    target = align_samples(batch.coefficients, layout, "target coefficients")
-    baseline = model.baseline(_zeros(layout))
-    target = TensorMap(
-        layout.keys,
-        [
-            TensorBlock(t.values - b.values, t.samples, t.components, t.properties)
-            for t, b in zip(target.blocks(), baseline.blocks())
-        ],
+    target = subtract_baseline(
+        align_samples(batch.coefficients, layout, "target coefficients"), model.baseline.means
     )
     sparse = SparseOverlap(batch.overlap, target)
     return _Chunk(
@@ -304,16 +299,6 @@ def _chunk(model, features, head, blocks: List[_Block], batch) -> _Chunk:
         target=target,
         target_norm=float(sparse.quadratic(target).sum()),
         n_structures=len(sparse.systems),
-    )
-
-
-def _zeros(tensor: TensorMap) -> TensorMap:
-    return TensorMap(
-        tensor.keys,
-        [
-            TensorBlock(torch.zeros_like(b.values), b.samples, b.components, b.properties)
-            for b in tensor.blocks()
-        ],
     )
 
 
@@ -373,14 +358,11 @@ def _overlap_pairs(chunk: _Chunk, blocks: List[_Block]):
 def _row_index(layout: TensorMap, key) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """``(system, atom) -> row`` of block ``key`` of ``layout``."""
     samples = layout.block({"o3_lambda": key[0], "o3_sigma": key[1], "center_type": key[2]}).samples
-    values = samples.values.to(torch.int64)
-    ids = values[:, 0] * (1 << 32) + values[:, 1]
-    sorted_ids, order = torch.sort(ids)
+    sorted_ids, order = torch.sort(_row_ids(samples))
 
     def lookup(system: torch.Tensor, atom: torch.Tensor) -> torch.Tensor:
-        queries = system * (1 << 32) + atom
-        index = torch.searchsorted(sorted_ids, queries).clamp(max=len(sorted_ids) - 1)
-        if not bool((sorted_ids[index] == queries).all()):
+        index, found = _lookup(sorted_ids, (system << _BITS) | atom)
+        if not bool(found.all()):
             raise KeyError(f"overlap pairs of atoms without coefficients in block {key}")
         return order[index]
 
