@@ -31,7 +31,7 @@ from rholearn.dataset import Targets
 
 from .inputs import ORBITAL_WEIGHTS
 from .order import AimsOrder, aims_order, check_flipped, from_aims, indexed_order
-from .runfiles import BASIS, FLIPPED, INDEX, AimsOutputError, RunFiles, run_files
+from .runfiles import BASIS, FLIPPED, INDEX, OVERLAP, PARTITION, AimsOutputError, RunFiles, run_files
 
 BASIS_NAME = "aims-prodbas"
 """Name of the product basis; the settings of ``control.in`` are appended."""
@@ -338,10 +338,11 @@ def fit_error(files: RunFiles, n_electrons: Optional[float] = None) -> Dict:
         ``n_electrons_fitted_grid`` (both densities integrated on the grid), or
         an empty dict when aims did not write the grid files.
     """
-    names = (files.rho_scf, files.rho_ri, files.partition)
-    if None in names or not os.path.isfile(files.path(files.partition)):
+    if files.rho_scf is None or files.rho_ri is None or not os.path.isfile(files.path(PARTITION)):
         return {}
-    scf, ri, weights = matched_grid_values([files.path(n) for n in names])
+    scf, ri, weights = matched_grid_values(
+        [files.path(name) for name in (files.rho_scf, files.rho_ri, PARTITION)]
+    )
     n_electrons_grid = float(weights @ scf)
     if n_electrons is None:
         n_electrons = n_electrons_grid
@@ -442,7 +443,7 @@ def read_ri_run(
     order = read_order(files, basis, symbols)
     coefficients = from_aims(_read_vector_files(files, files.coefficients, n), order)
     projections = from_aims(_read_vector_files(files, files.projections, n), order)
-    overlap = from_aims(read_overlap(files.path(files.overlap), n), order)
+    overlap = from_aims(read_overlap(files.path(OVERLAP), n), order)
     if files.summary.get("lattice_vectors") is not None or atoms.pbc.any():
         check_lattice_summed(files, overlap, coefficients, projections)
     ri_fit = files.summary
@@ -524,7 +525,7 @@ def check_lattice_summed(
     residual = float(np.abs(overlap @ coefficients - projections).max() / scale)
     if residual > PERIODIC_FIT_TOLERANCE:
         raise AimsOutputError(
-            f"'{files.path(files.overlap)}' of a periodic run does not reproduce the "
+            f"'{files.path(OVERLAP)}' of a periodic run does not reproduce the "
             f"projections (max|S c - w| / max|w| = {residual:.2e} > "
             f"{PERIODIC_FIT_TOLERANCE:.0e}): it is not the lattice-summed overlap of an "
             "overlap-metric fit, which is what the targets store for periodic structures"

@@ -85,8 +85,6 @@ class RunFiles:
     order: Tuple[str, ...]
     rho_scf: Optional[str]
     rho_ri: Optional[str]
-    overlap: str = OVERLAP
-    partition: str = PARTITION
 
     def path(self, name: str) -> str:
         return os.path.join(self.directory, name)

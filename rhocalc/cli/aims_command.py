@@ -15,11 +15,11 @@ import sys
 
 from rholearn.dataset import exclusive_lock
 from rholearn.options import add_options_arguments, options_from_arguments
-from rhocalc.aims.options import AimsOptions
+from rhocalc import aims
 
 from . import batch_command
 
-OPTIONS = AimsOptions
+OPTIONS = aims.AimsOptions
 """The options of this backend (``--options FILE``, ``-r``, flags; ``rhocalc defaults aims``)."""
 
 
@@ -72,8 +72,6 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``rhocalc aims``; returns the exit code."""
-    from rhocalc import aims  # imported here: `rhocalc --help` stays fast
-
     try:
         options = options_from_arguments(OPTIONS, args)
         options.resolved_command()  # a bad $ASE_AIMS_COMMAND is an error here, not later
@@ -107,8 +105,6 @@ def run(args: argparse.Namespace) -> int:
 
 def run_parse(args: argparse.Namespace) -> int:
     """Handler of ``rhocalc aims-parse``; returns the exit code."""
-    from rhocalc import aims
-
     structures, options = aims.run.read_runs(args.out)
     with exclusive_lock(args.out):  # held from reading the runs to the last target
         compute, basis = aims.run.dataset_compute(structures, args.out, options, run=False)

@@ -12,12 +12,13 @@ import ase
 from rholearn.basis import BasisSet
 from rholearn.dataset import structure_name
 from rholearn.options import add_options_arguments, options_from_arguments
-from rhocalc.pyscf.options import PySCFOptions
-
-OPTIONS = PySCFOptions
-"""The options of this backend (``--options FILE``, ``-r``, flags; ``rhocalc defaults pyscf``)."""
+from rhocalc import pyscf
+from rhocalc.pyscf.molecule import check_structure
 
 from . import batch_command
+
+OPTIONS = pyscf.PySCFOptions
+"""The options of this backend (``--options FILE``, ``-r``, flags; ``rhocalc defaults pyscf``)."""
 
 
 def add_parser(subparsers) -> None:
@@ -37,9 +38,6 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``rhocalc pyscf``; returns the exit code."""
-    from rhocalc import pyscf
-    from rhocalc.pyscf.molecule import check_structure
-
     try:
         options = options_from_arguments(OPTIONS, args)
     except ValueError as error:
@@ -62,8 +60,6 @@ def run(args: argparse.Namespace) -> int:
 def _covered_basis(auxbasis: str, structures: List[ase.Atoms]) -> BasisSet:
     """The auxiliary basis of the elements it covers; the others are reported on
     stderr, and the structures containing them will fail (named in failures.json)."""
-    from rhocalc import pyscf
-
     shells, missing = {}, []
     for symbol in sorted({s for atoms in structures for s in atoms.get_chemical_symbols()}):
         try:

@@ -5,8 +5,13 @@ The overlap ``S`` of the auxiliary basis is stored by atom pairs (layout of
 an element above ``threshold`` in absolute value (and always for ``i == j``).
 :func:`pair_overlap` computes only the blocks of atom pairs closer than a
 distance :func:`pair_cutoffs` beyond which no element can exceed the
-threshold, so time and memory grow with the number of such pairs, not with
-the square of the number of functions.
+threshold, so the memory grows with the number of such pairs, not with the
+square of the number of functions. The integrals are computed per atom as one
+contiguous strip, from the atom to its farthest in-range later atom: atoms in
+between are integrated even when out of range, so the time is linear in the
+pairs only for structures whose atoms are ordered in space (as water boxes
+are); at worst each of the two passes (:func:`pair_overlap`) integrates the upper
+triangle of the dense matrix.
 
 The distance bound
 ------------------

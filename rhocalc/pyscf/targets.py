@@ -117,7 +117,7 @@ def compute_targets(
         "converged": bool(scf.converged),
         "n_scf_cycles": int(scf.cycles),
         "n_electrons": int(scf.mol.nelectron),
-        "ecp": {symbol: options.basis for symbol in sorted(scf.mol.ecp)},
+        "ecp": dict(scf.mol.ecp),  # {symbol: basis} of the elements with an ECP
         "n_core_electrons": int(sum(scf.mol.atom_nelec_core(i) for i in range(scf.mol.natm))),
         "n_electrons_fitted": n_electrons_fitted,
         **diagnostics,
