@@ -1,13 +1,15 @@
-"""Benchmark datasets: strongly distorted waters and distorted H/C/N/O molecules of ase's g2.
+"""Benchmark datasets: strongly distorted waters and methanols, distorted H/C/N/O molecules of g2.
 
-Both are computed with :func:`rhocalc.batch.run_batch` and
+All are computed with :func:`rhocalc.batch.run_batch` and
 :func:`rhocalc.pyscf.compute_targets` (PBE/def2-svp fitted onto
 def2-universal-jkfit, Coulomb metric) into ``benchmarks/output/<name>`` and
 reused (a rerun skips the finished structures):
 
-- ``waters``: :func:`noisy_waters`, an equilibrium water with Gaussian noise
-  of ``sigma`` Angstrom on every coordinate (O-H distances about 0.6-1.5 Angstrom
-  for the default 0.1), randomly rotated;
+- ``waters``: :func:`noisy_molecules` of water, an equilibrium water with Gaussian
+  noise of ``sigma`` Angstrom on every coordinate (O-H distances about 0.6-1.5
+  Angstrom for the default 0.1), randomly rotated;
+- ``methanol``: the same for methanol (CH3OH, three elements, six atoms), 0.1
+  Angstrom of noise (about 5 s of PySCF per structure on one core);
 - ``g2``: :func:`g2_copies`, every closed-shell molecule of
   ``ase.collections.g2`` with at least two atoms, only H, C, N and O, and at
   most ``max_heavy`` non-hydrogen atoms, each in ``copies`` randomly
@@ -15,7 +17,7 @@ reused (a rerun skips the finished structures):
 
 Usage (1 PySCF process with 1 OpenMP thread by default)::
 
-    OMP_NUM_THREADS=1 python benchmarks/datasets.py waters g2 [--workers 1]
+    OMP_NUM_THREADS=1 python benchmarks/datasets.py waters methanol g2 [--workers 1]
 """
 
 from __future__ import annotations
@@ -42,22 +44,25 @@ PYSCF_OPTIONS = PySCFOptions(xc="PBE", basis="def2-svp", auxbasis="def2-universa
 ELEMENTS = ("H", "C", "N", "O")
 
 
-def noisy_waters(n: int, sigma: float = 0.1, seed: int = 0, min_distance: float = 0.5):
-    """``n`` waters: equilibrium geometry (O-H 0.96 Angstrom, 104.5 degrees) plus
-    Gaussian noise of standard deviation ``sigma`` (Angstrom) on every Cartesian
-    coordinate, randomly rotated. Draws with an interatomic distance below
-    ``min_distance`` (Angstrom) are redrawn. ``atoms.info["name"]`` is ``"water-<i>"``."""
+def noisy_molecules(molecule: str, n: int, sigma: float = 0.1, seed: int = 0,
+                    min_distance: float = 0.5, label: str = None) -> List[ase.Atoms]:
+    """``n`` copies of ``ase.build.molecule(molecule)`` (its equilibrium geometry)
+    with Gaussian noise of standard deviation ``sigma`` (Angstrom) on every
+    Cartesian coordinate, randomly rotated. Draws with an interatomic distance
+    below ``min_distance`` (Angstrom) are redrawn. ``atoms.info["name"]`` is
+    ``"<label>-<i>"`` (``label`` defaults to ``molecule``)."""
     rng = np.random.default_rng(seed)
-    base = ase.build.molecule("H2O").positions
+    base = ase.build.molecule(molecule)
+    pairs = np.triu_indices(len(base), 1)
     frames = []
     while len(frames) < n:
-        positions = base + rng.normal(scale=sigma, size=base.shape)
+        positions = base.positions + rng.normal(scale=sigma, size=base.positions.shape)
         distances = np.linalg.norm(positions[:, None] - positions[None], axis=-1)
-        if distances[np.triu_indices(3, 1)].min() < min_distance:
+        if distances[pairs].min() < min_distance:
             continue
         rotation = random_rotation(seed * 100003 + len(frames))
-        atoms = ase.Atoms("OH2", positions=positions @ rotation.T)
-        atoms.info["name"] = f"water-{len(frames)}"
+        atoms = ase.Atoms(base.numbers, positions=positions @ rotation.T)
+        atoms.info["name"] = f"{label or molecule}-{len(frames)}"
         frames.append(atoms)
     return frames
 
@@ -111,13 +116,17 @@ def compute(name: str, frames, workers: int = 1) -> str:
 
 
 WATERS = {"n": 130, "sigma": 0.1, "seed": 0}
+METHANOL = {"n": 130, "sigma": 0.1, "seed": 0}
 G2 = {"max_heavy": 3, "copies": 4, "sigma": 0.07, "seed": 0}
 
 
 def datasets() -> Dict[str, Callable[[], List[ase.Atoms]]]:
     """The benchmark datasets by name: a function returning their structures."""
     return {
-        "waters": lambda: noisy_waters(WATERS["n"], WATERS["sigma"], WATERS["seed"]),
+        "waters": lambda: noisy_molecules("H2O", WATERS["n"], WATERS["sigma"], WATERS["seed"],
+                                          label="water"),
+        "methanol": lambda: noisy_molecules("CH3OH", METHANOL["n"], METHANOL["sigma"],
+                                            METHANOL["seed"], label="methanol"),
         "g2": lambda: g2_copies(g2_molecules(G2["max_heavy"]), G2["copies"], G2["sigma"], G2["seed"]),
     }
 

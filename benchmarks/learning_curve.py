@@ -26,9 +26,14 @@ RMSE, real-space L1 against the RI and the SCF densities (``--real-space``
 descriptors (direct: references + solve; gradient: the epochs). Prints a
 table and writes JSON (rewritten after every point).
 
+A dataset folder written by ``rhocalc`` (your own structures) works as well: its
+test set is ``--n-test`` random structures, as for ``waters``.
+
 Usage::
 
     OMP_NUM_THREADS=1 python benchmarks/learning_curve.py waters --models kernel linear-lbfgs
+    OMP_NUM_THREADS=1 python benchmarks/learning_curve.py path/to/dataset \
+        --train-sizes 20 50 100 --n-test 30 --output my-curve.json
 """
 
 from __future__ import annotations
@@ -56,11 +61,13 @@ from rholearn.train import TrainOptions  # noqa: E402
 MODELS = ("kernel", "linear-direct", "linear-lbfgs", "nonlinear")
 
 
-def splits(name: str, folder, train_sizes, n_test: int, n_val: int, n_test_molecules: int, seed: int):
-    """``{n_train: split}``: nested training sets, one fixed test (and validation) set."""
+def splits(name: str, folder, train_sizes, n_test: int, n_val: int, n_test_molecules: int,
+           seed: int, unseen_molecules: bool = False):
+    """``{n_train: split}``: nested training sets, one fixed test (and validation) set;
+    with ``unseen_molecules`` (g2) the test set is every copy of some molecules."""
     rng = np.random.default_rng(seed)
     indices = list(folder.indices)
-    if name == "g2":  # test: every copy of unseen molecules
+    if unseen_molecules:  # test: every copy of unseen molecules
         molecules = sorted({folder.frames[i].info["name"].rsplit("-", 1)[0] for i in indices})
         unseen = set(rng.choice(molecules, n_test_molecules, replace=False).tolist())
         test = [i for i in indices if folder.frames[i].info["name"].rsplit("-", 1)[0] in unseen]
@@ -147,7 +154,9 @@ def print_table(rows) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("datasets", nargs="+", choices=["waters", "g2"])
+    parser.add_argument("datasets", nargs="+", metavar="DATASET",
+                        help="'waters' or 'g2' (computed by datasets.py), or a dataset folder "
+                        "written by rhocalc")
     parser.add_argument("--models", nargs="+", choices=MODELS, default=["kernel"])
     parser.add_argument("--train-sizes", type=int, nargs="+", default=[10, 30, 100])
     parser.add_argument("--n-test", type=int, default=20, help="test structures (waters)")
@@ -167,11 +176,19 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory(prefix="learning-curve-") as runs:
         for name in args.datasets:
-            dataset = datasets.compute(name, datasets.datasets()[name]())
+            own = os.path.isdir(name)  # the user's own dataset
+            if own:
+                dataset, name = name, os.path.basename(os.path.normpath(name))
+            elif name in datasets.datasets():
+                dataset = datasets.compute(name, datasets.datasets()[name]())
+            else:
+                parser.error(f"'{name}' is neither a benchmark dataset "
+                             f"({', '.join(datasets.datasets())}) nor a dataset folder")
             folder = read_dataset(dataset)
+            unseen = name == "g2" and not own
             for model in args.models:
                 for n_train, split in splits(name, folder, args.train_sizes, args.n_test, args.n_val,
-                                             args.g2_test_molecules, args.seed).items():
+                                             args.g2_test_molecules, args.seed, unseen).items():
                     real_space = args.real_space == "all" or (
                         args.real_space == "largest" and n_train == max(args.train_sizes)
                     )

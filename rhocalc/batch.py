@@ -18,8 +18,9 @@ the failed ones; a rerun with other structures or another basis is refused.
 
 Results are written by the calling (parent) process as they arrive: workers
 only compute. This works with executors whose workers run on other machines
-without a shared file system (dask, SLURM), keeps ``failures.json`` with a
-single writer, and lets a worker crash without leaving partial files.
+without a shared file system (a dask cluster; SLURM through submitit shares only
+submitit's job folder), keeps ``failures.json`` with a single writer, and lets a
+worker crash without leaving partial files.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ Compute = Callable[..., Targets]
 
 _POLL_SECONDS = 0.1
 _PARENT_POLL_SECONDS = 0.5
+_ARRAY_SIZE = 1000
+"""Structures per submitit job array (SLURM's default ``MaxArraySize`` is 1001)."""
 
 
 @dataclasses.dataclass
@@ -107,10 +110,13 @@ def run_batch(
         The auxiliary basis of the targets, written to ``out/basis.json``.
     executor : concurrent.futures.Executor, optional
         Where to compute: anything with ``submit(fn, *args, **kwargs)`` returning
-        an object with ``done()`` and ``result()`` (a ``ProcessPoolExecutor``,
-        dask's ``client.get_executor()``, a submitit executor). It is used, not
-        shut down. Default: a ``ProcessPoolExecutor`` (spawned processes) of
-        ``n_workers`` if ``n_workers > 1``, else in this process, one by one.
+        an object with ``done()``, ``result()`` and ``cancel()`` (a
+        ``ProcessPoolExecutor``, dask's ``client.get_executor()``, a submitit
+        executor, whose submissions are grouped into job arrays of at most 1000
+        structures with its ``batch()``). It is used, not shut down; this process
+        must stay alive until the run ends, as it writes the results. Default: a
+        ``ProcessPoolExecutor`` (spawned processes) of ``n_workers`` if
+        ``n_workers > 1``, else in this process, one by one.
     n_workers : int
         Number of processes of the default executor.
     progress : bool
@@ -254,15 +260,20 @@ def _outcomes(
         with pool:
             yield from _outcomes(structures, todo, compute, pool, n_workers)
         return
-    pending = [
-        (index, executor.submit(_compute_or_failure, compute, structures[index], index))
-        for index in todo
-    ]
+    pending = []
+    batch = getattr(executor, "batch", None)  # submitit: submit job arrays, not single jobs
+    for start in range(0, len(todo), _ARRAY_SIZE):
+        with contextlib.nullcontext() if batch is None else batch():
+            pending += [
+                (index, executor.submit(_compute_or_failure, compute, structures[index], index))
+                for index in todo[start : start + _ARRAY_SIZE]
+            ]
     try:
         yield from _as_completed(structures, pending)
     finally:  # also on KeyboardInterrupt: don't leave queued work behind
         for _, future in pending:
-            future.cancel()
+            if not future.done():
+                future.cancel()
 
 
 def _as_completed(structures, pending) -> Iterator[Tuple[int, Union[Targets, Failure]]]:

@@ -1,8 +1,9 @@
 """What learning needs from the code that computed a dataset: its backend.
 
 rholearn learns and predicts coefficients without any quantum-chemistry code.
-Two things need one: the real-space errors of :func:`rholearn.workflow.evaluate`
-(basis functions on a grid, and the reference SCF density, which is rerun) and
+Two things need one: the real-space errors and properties (energies, dipoles) of
+:func:`rholearn.workflow.evaluate` (basis functions on a grid, the reference SCF
+density, which is rerun, and a Kohn-Sham matrix of the predicted density) and
 the cube files and electron counts of :func:`rholearn.workflow.predict`. A :class:`Backend`
 provides them. Backends are found through the Python entry-point group
 :data:`ENTRY_POINT_GROUP`; a package registers one in its ``pyproject.toml``::
@@ -22,7 +23,7 @@ from __future__ import annotations
 import abc
 import functools
 import importlib.metadata
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import ase
 import numpy as np
@@ -50,6 +51,9 @@ class Backend(abc.ABC):
 
     name: str = ""
     """The name the backend is registered under and datasets record."""
+
+    grid_levels: Optional[range] = None
+    """The levels :meth:`integration_grid` takes (``None``: any integer)."""
 
     @abc.abstractmethod
     def handles_basis(self, basis: BasisSet) -> bool:
@@ -95,13 +99,27 @@ class Backend(abc.ABC):
     ) -> float:
         """``100 * integral |a - b| / N`` on a grid of :meth:`integration_grid`."""
 
+    def density_properties(
+        self, atoms: ase.Atoms, coefficients: TensorMap, basis: BasisSet,
+        options: Dict[str, object],
+    ) -> Dict[str, object]:
+        """Properties of an expanded density, computed with ``options`` (as a
+        structure's ``info.json`` records them): ``energy_one_shot_hartree`` (the
+        total energy after one Kohn-Sham diagonalisation in the density's
+        potential), ``energy_harris_hartree`` (its Harris-Foulkes energy), each
+        ``None`` where the method cannot, and ``dipole_debye`` (3 floats). The
+        default: none (an empty dict)."""
+        return {}
+
     @abc.abstractmethod
     def write_cube(
         self, path: str, atoms: ase.Atoms, coefficients: TensorMap, basis: BasisSet,
-        spacing: float,
-    ) -> None:
-        """Write an expanded density as a cube file, atomically (grid spacing in
-        Angstrom)."""
+        spacing: float, progress: bool = False,
+    ) -> float:
+        """Write an expanded density as a cube file, atomically, on the grid of
+        :func:`rholearn.cube.cube_grid` (spacing in Angstrom) with
+        :func:`rholearn.cube.write_cube` (``progress``: a progress bar); returns the
+        electrons on the cube (the density summed times the cell volume)."""
 
 
 def installed_backends() -> List[str]:

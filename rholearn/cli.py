@@ -2,15 +2,18 @@
 
     rholearn defaults > options.yaml                 every training option, with its default
     rholearn train options.yaml [-r train.epochs=20] [--model kernel] ...
-    rholearn train DATASET --run RUN [--n-train N] ...
+    rholearn train DATASET [--run RUN] [--n-train N] ...   (default RUN: runs/DATE/TIME)
+    rholearn train RUN/options.yaml --resume          continue a run (or --overwrite)
     rholearn evaluate RUN [--dataset DATASET] [--subset test]
-    rholearn predict RUN STRUCTURES --out DIR [--index 0,4,7] [--cube --spacing 0.1]
+    rholearn predict RUN STRUCTURES [--out DIR] [--index 0,4,7] [--cube --spacing 0.1]
     rholearn export RUN [--out model-atomistic.pt]
 
-``DATASET`` is a folder written by ``rhocalc``; ``RUN`` a training folder.
+``DATASET`` is a folder written by ``rhocalc``; ``RUN`` a training folder
+(:mod:`rholearn.run`).
 
-Exit codes: 0 done; 2 bad input or a file that cannot be read or written (one
-line on stderr naming the file, argument or structure at fault); 130 interrupted
+Exit codes: 0 done; 2 bad input, a file that cannot be read or written, or a
+training run that diverged (one line on stderr naming the file, argument or
+structure at fault); 130 interrupted
 (Ctrl-C: a training run keeps its best weights in ``model.pt`` and says how to
 resume).
 """
@@ -18,7 +21,6 @@ resume).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import warnings
@@ -27,12 +29,13 @@ from typing import List, Optional, Tuple
 import torch
 from ase.io.formats import string2index
 
-from . import __version__, layout, workflow
+from . import __version__, distributed, layout, workflow
 from .dataset import read_structures
 from .export import OUTPUT_NAME, export_atomistic
 from .files import error_line, write_json
 from .models import DensityModel
 from .options import (
+    HelpFormatter,
     OptionsError,
     add_flags,
     apply_override,
@@ -42,17 +45,26 @@ from .options import (
     parse_override,
     read_yaml,
     to_dict,
-    write_yaml,
 )
 from .plots import plot_training_curves
-from .train import LOG_FILE
+from .run import (
+    CHEMISCOPE_FILE,
+    CURVES_PLOT,
+    EPOCH_LOG_FILE,
+    ERRORS_FILE,
+    EXPORTED_FILE,
+    MODEL_FILE,
+    OPTIONS_FILE,
+    PARITY_PLOT,
+    RunFolder,
+)
 from .visualise import write_chemiscope
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="rholearn", description="Train and use equivariant models of electron densities.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"rholearn {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -64,7 +76,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, FloatingPointError) as error:  # the last: diverged
         print(f"rholearn {args.command}: error: {error_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -75,14 +87,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _subparser(commands, name: str, help_text: str) -> argparse.ArgumentParser:
     return commands.add_parser(
         name, help=help_text, description=help_text,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
 
 
 # ------------------------------------------------------------------ options ---
-RUN_KEYS = {"dataset": None, "run": "run"}
+RUN_KEYS = {"dataset": None, "run": None}
 """Options of ``rholearn train`` besides :class:`~rholearn.workflow.FitOptions`:
-the dataset folder (required) and the run folder."""
+the dataset folder (required) and the run folder (default: a new
+``runs/<date>/<time>``, :func:`rholearn.run.new_run_path`)."""
 
 
 def _add_defaults(commands) -> None:
@@ -106,29 +119,31 @@ def _add_train(commands) -> None:
     parser.add_argument("--dataset", default=argparse.SUPPRESS,
                         help="dataset folder written by rhocalc (overrides the options file)")
     parser.add_argument("--run", metavar="RUN", default=argparse.SUPPRESS,
-                        help="output folder of the run ('run' unless the options file says)")
+                        help="output folder of the run (default: the options file's, else a "
+                        "new runs/DATE/TIME)")
     parser.add_argument("-r", "--override", action="append", default=[], metavar="KEY=VALUE",
                         help="set any option, e.g. -r train.epochs=20 (repeatable)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted run (options from RUN/options.yaml)")
+                        help="continue the run in RUN (options from RUN/options.yaml; only "
+                        "train.epochs, train.learning_rate, ... may change)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="remove the run in RUN (its own files only) and start again")
     add_flags(parser, workflow.FitOptions)
     parser.set_defaults(handler=_train)
 
 
-def read_train_options(args) -> Tuple[str, str, "workflow.FitOptions", dict]:
-    """The dataset, run folder and options of ``rholearn train``, from (in order of
-    precedence) flags, ``-r`` overrides, the options file and the defaults.
-
-    Returns the expanded options as plain data too, for ``RUN/options.yaml``.
-    Every problem is raised before any work starts, naming the option or file.
+def read_train_options(args) -> Tuple[str, Optional[str], "workflow.FitOptions"]:
+    """The dataset, run folder (``None``: a new one) and options of ``rholearn train``,
+    from (in order of precedence) flags, ``-r`` overrides, the options file and the
+    defaults. Every problem is raised before any work starts, naming the option or file.
     """
     data: dict = {}
     if args.source and os.path.isdir(args.source):
         data["dataset"] = args.source
     elif args.source:
         data = read_yaml(args.source)
-    elif args.resume and os.path.exists(os.path.join(getattr(args, "run", ""), RUN_OPTIONS_FILE)):
-        data = read_yaml(os.path.join(args.run, RUN_OPTIONS_FILE))
+    elif args.resume and os.path.exists(os.path.join(getattr(args, "run", ""), OPTIONS_FILE)):
+        data = read_yaml(os.path.join(args.run, OPTIONS_FILE))
     overrides = [parse_override(text) for text in args.override] + flag_overrides(args)
     for name in RUN_KEYS:
         if getattr(args, name, None):
@@ -139,27 +154,23 @@ def read_train_options(args) -> Tuple[str, str, "workflow.FitOptions", dict]:
     if not run_keys["dataset"]:
         raise ValueError("no dataset: give a dataset folder, --dataset, or 'dataset:' in the options file")
     for name, value in run_keys.items():
-        if not isinstance(value, str):
+        if not isinstance(value, str) and (name == "dataset" or value is not None):
             raise OptionsError(f"option '{name}' must be a path (str), got {value!r}")
     if not os.path.isdir(run_keys["dataset"]):
         raise FileNotFoundError(f"no such dataset folder: '{run_keys['dataset']}'")
+    if (args.resume or args.overwrite) and run_keys["run"] is None:
+        flag = "--resume" if args.resume else "--overwrite"
+        raise OptionsError(f"{flag} needs the run folder: --run RUN, or RUN/{OPTIONS_FILE}")
     options = from_dict(workflow.FitOptions, data)
-    expanded = {**run_keys, **to_dict(options)}
-    return run_keys["dataset"], run_keys["run"], options, expanded
-
-
-RUN_OPTIONS_FILE = "options.yaml"
-"""The expanded options of a ``rholearn train`` run, in its folder: ``rholearn train
-RUN/options.yaml --resume`` continues it, and a copy with another ``run`` repeats it."""
+    return run_keys["dataset"], run_keys["run"], options
 
 
 def _train(args) -> int:
-    dataset, run, options, expanded = read_train_options(args)
-    os.makedirs(run, exist_ok=True)
-    write_yaml(os.path.join(run, RUN_OPTIONS_FILE), expanded)
-    result = workflow.fit(dataset, run, options, resume=args.resume)
+    dataset, run, options = read_train_options(args)
+    result = workflow.fit(dataset, run, options, resume=args.resume, overwrite=args.overwrite)
     sizes = ", ".join(f"{len(v)} {k}" for k, v in result.split.items())
-    print(f"trained on {sizes}; model: {os.path.join(run, workflow.MODEL_FILE)}")
+    if distributed.is_main():  # under torchrun / srun, process 0 speaks for all
+        print(f"trained on {sizes}; model: {os.path.join(result.run_dir, MODEL_FILE)}")
     return 0
 
 
@@ -168,20 +179,21 @@ def _add_evaluate(commands) -> None:
                         "dataset, with plots and a chemiscope map")
     parser.add_argument("run", metavar="RUN", help="folder of a `rholearn train` run")
     parser.add_argument("--dataset", help="dataset folder (default: the one it was trained on)")
-    parser.add_argument("--subset", choices=["train", "val", "test", "all"], default="test")
+    parser.add_argument("--subset", choices=["train", "val", "test", "all"], default="test",
+                        help="structures of the run's split to evaluate")
     parser.add_argument("--no-real-space", action="store_true",
-                        help="skip the grid (L1) errors, which rerun the SCF")
+                        help="skip the grid (L1) errors, which rerun the SCF, and the "
+                        "one-shot energy and dipole errors of the predicted densities")
     parser.add_argument("--grid-level", type=int, default=3, help="PySCF grid level of the L1 errors")
     parser.set_defaults(handler=_evaluate)
 
 
 def _evaluate(args) -> int:
+    run = RunFolder(args.run)
     model = load_model(args.run)
-    with open(os.path.join(args.run, workflow.SPLIT_FILE)) as f:
-        split = json.load(f)
-    dataset = args.dataset or _trained_dataset(args.run)
-    indices = None if args.subset == "all" else split[args.subset]
-    out = os.path.join(args.run, f"evaluation_{args.subset}")
+    dataset = args.dataset or run.dataset()
+    indices = None if args.subset == "all" else run.split()[args.subset]
+    out = run.evaluation_dir(args.subset)
     errors = workflow.evaluate(
         model, dataset, indices, real_space=not args.no_real_space, grid_level=args.grid_level,
         out=out,
@@ -200,33 +212,36 @@ def _evaluate(args) -> int:
             f"'{model.basis.name}'; set % RMSE {summary.get('rmse_percent', float('nan')):.3f}"
         ),
     )
-    log = os.path.join(args.run, LOG_FILE)
+    log = run.file(EPOCH_LOG_FILE)
     if os.path.exists(log):  # gradient training (the direct solve has no epochs)
-        plot_training_curves(log, os.path.join(out, CURVES_PLOT))
+        plot_training_curves(log, os.path.join(out, CURVES_PLOT),
+                             loss=run.options().get("loss", "overlap"))
     for name, value in summary.items():
         print(f"{name:<24s} {value:.4f}" if isinstance(value, float) else f"{name:<24s} {value}")
-    print(f"results in {out}: {ERRORS_FILE}, {CHEMISCOPE_FILE}, {workflow.PARITY_PLOT}, "
+    print(f"results in {out}: {ERRORS_FILE}, {CHEMISCOPE_FILE}, {PARITY_PLOT}, "
           "predicted coefficients per structure")
     return 0
-
-
-ERRORS_FILE = "errors.json"
-CHEMISCOPE_FILE = "errors.chemiscope.json.gz"
-CURVES_PLOT = "training_curves.png"
 
 
 def load_model(path: str) -> DensityModel:
     """A model from a model file or a run folder (its ``model.pt``)."""
     if os.path.isdir(path):
-        path = os.path.join(path, workflow.MODEL_FILE)
+        path = os.path.join(path, MODEL_FILE)
     return DensityModel.load(path)
 
 
 def _add_export(commands) -> None:
     parser = _subparser(commands, "export", "write a run's model as a metatomic AtomisticModel "
-                        "(metatomic.torch.load_atomistic_model loads it without rholearn)")
+                        "and the TorchScript extensions it needs; "
+                        "metatomic.torch.load_atomistic_model(FILE, extensions_directory=DIR) "
+                        "loads it without rholearn or featomic")
     parser.add_argument("run", metavar="RUN", help="run folder or model file")
-    parser.add_argument("--out", help="output file (default: RUN/model-atomistic.pt)")
+    parser.add_argument("--out", help=f"output file (default: RUN/{EXPORTED_FILE})")
+    parser.add_argument("--extensions", metavar="DIR",
+                        help="folder for the extensions, replaced if it holds only "
+                        "libraries (default: 'extensions' beside the output file)")
+    parser.add_argument("--author", action="append", default=[], metavar="NAME",
+                        help="author recorded in the model's metadata (repeatable)")
     parser.add_argument("--dtype", choices=["float64", "float32"], default=None,
                         help="precision of the exported model (default: the model's)")
     parser.set_defaults(handler=_export)
@@ -238,19 +253,11 @@ def _export(args) -> int:
         model = model.to(dtype=getattr(torch, args.dtype))
     folder = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
     out = args.out or os.path.join(folder, EXPORTED_FILE)
-    export_atomistic(model, out)
-    print(f"exported {out} (output '{OUTPUT_NAME}'; load with "
-          "metatomic.torch.load_atomistic_model)")
+    extensions = export_atomistic(model, out, extensions=args.extensions, authors=args.author)
+    print(f"exported {out} (output '{OUTPUT_NAME}') and its extensions in {extensions}; load "
+          f"with metatomic.torch.load_atomistic_model('{out}', "
+          f"extensions_directory='{extensions}')")
     return 0
-
-
-EXPORTED_FILE = "model-atomistic.pt"
-
-
-def _trained_dataset(run: str) -> str:
-    path = os.path.join(run, workflow.FIT_FILE)
-    with open(path) as f:
-        return json.load(f)["dataset"]
 
 
 def _add_predict(commands) -> None:
@@ -259,7 +266,10 @@ def _add_predict(commands) -> None:
                         "with coefficients.mts, info.json and, with --cube, density.cube")
     parser.add_argument("model", metavar="MODEL", help="run folder or model file (RUN/model.pt)")
     parser.add_argument("structures", metavar="STRUCTURES", help="any file ase reads (Angstrom)")
-    parser.add_argument("--out", required=True, help="output folder, one subfolder per structure")
+    parser.add_argument("--out", help="output folder, one subfolder per structure; it holds one "
+                        "prediction: folders of an earlier one are replaced, anything else in "
+                        f"the way is refused (default: RUN/{PREDICTIONS_FOLDER}, or "
+                        f"{PREDICTIONS_FOLDER}/ beside a model file)")
     parser.add_argument("--index", default=":", help="which structures: an ase slice ('3:5', "
                         "'::2', '-1'), a comma list ('0,4,7') or @FILE (indices in a text file)")
     parser.add_argument("--cube", action="store_true", help="also write density.cube files")
@@ -273,10 +283,11 @@ def _predict(args) -> int:
     model_file = os.path.abspath(
         os.path.join(args.model, workflow.MODEL_FILE) if os.path.isdir(args.model) else args.model
     )
-    earlier = workflow.earlier_predictions(args.out)
+    out = args.out or os.path.join(os.path.dirname(model_file), PREDICTIONS_FOLDER)
+    earlier = workflow.earlier_predictions(out)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", workflow.CubeResolutionWarning)
-        folders = workflow.predict(model, frames, args.out, cube=args.cube,
+        folders = workflow.predict(model, frames, out, cube=args.cube,
                                    cube_spacing=args.spacing, indices=indices,
                                    model_file=model_file)
     for warning in caught:  # ours as one line, the others as Python shows them
@@ -285,10 +296,14 @@ def _predict(args) -> int:
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename,
                                  warning.lineno)
-    print(f"predicted {len(folders)} structures into {args.out}")
+    print(f"predicted {len(folders)} structures into {out}")
     if earlier:
-        print(f"replaced the {len(earlier)} earlier prediction folder(s) in {args.out}")
+        print(f"replaced the {len(earlier)} earlier prediction folder(s) in {out}")
     return 0
+
+
+PREDICTIONS_FOLDER = "predictions"
+"""``rholearn predict``'s output folder beside the model (``RUN/predictions``)."""
 
 
 def _select_structures(path: str, index: str) -> Tuple[List, List[int]]:

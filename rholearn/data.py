@@ -15,15 +15,17 @@ apart).
 from __future__ import annotations
 
 import os
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import ase
+import ase.data
 import numpy as np
 import torch
 import metatensor.torch as mts
 from metatensor.learn.data import DataLoader, IndexedDataset, group_and_join
 
 from . import layout
+from .basis import BasisSet
 from .dataset import DatasetFolder, existing_file
 
 TARGET_FILES = {
@@ -46,20 +48,28 @@ class TargetFile:
     with :func:`metatensor.torch.load`, checks it and moves it to ``dtype``
     and ``device``. Picklable, so data loaders may use worker processes.
 
+    With ``folder`` (the dataset, from :func:`~rholearn.dataset.read_dataset`),
+    the file is also checked against its structure's atoms and the dataset's
+    basis (:func:`check_complete`): a file lacking blocks or atoms would train
+    on a wrong metric (an overlap without some blocks is not positive definite).
+
     Raises
     ------
     FileNotFoundError
         If the file is missing (the error names it).
     ValueError
-        If it holds NaN or infinite values, or samples of another ``system``
-        than the structure index (the error names structure and file).
+        If it holds NaN or infinite values, samples of another ``system``
+        than the structure index, or (with ``folder``) not every block and atom
+        of its structure; the error names structure and file.
     """
 
-    def __init__(self, root: str, file_name: str, dtype: torch.dtype, device: torch.device):
+    def __init__(self, root: str, file_name: str, dtype: torch.dtype, device: torch.device,
+                 folder: Optional[DatasetFolder] = None):
         self.root = root
         self.file_name = file_name
         self.dtype = dtype
         self.device = device
+        self.folder = folder
 
     def path(self, index: int) -> str:
         return os.path.join(layout.structure_dir(self.root, index), self.file_name)
@@ -71,6 +81,9 @@ class TargetFile:
         except Exception as error:  # metatensor raises its own error types
             raise ValueError(f"structure {index}: cannot read '{path}': {error}") from error
         _check_targets(tensor, index, path)
+        if self.folder is not None:
+            check_complete(tensor, self.folder.frames[index].numbers, self.folder.basis,
+                           f"structure {index}: '{path}'")
         return tensor.to(dtype=self.dtype, device=self.device)
 
 
@@ -87,6 +100,81 @@ def _check_targets(tensor: mts.TensorMap, index: int, path: str) -> None:
                 f"structure {index}: '{path}' holds samples of system(s) {systems}, "
                 f"expected only {index}"
             )
+
+
+def check_complete(tensor: mts.TensorMap, numbers: Sequence[int], basis: BasisSet,
+                   where: str) -> None:
+    """Raise a ``ValueError`` (prefixed ``where``) unless ``tensor`` holds every block
+    and atom of a structure with atomic numbers ``numbers`` in ``basis``.
+
+    A coefficient or projection TensorMap (keys ``o3_lambda, o3_sigma,
+    center_type``) must have one block per key of :meth:`BasisSet.keys` with every
+    atom of that element. An overlap (atom-pair keys, :mod:`rholearn.layout`) may
+    drop pairs of distant atoms, but every atom's pair with itself must be there,
+    and a pair that is there must be in every block of its two elements, in both
+    orders: otherwise the matrix is not the overlap, and losses in its metric
+    can be negative.
+    """
+    symbols = [ase.data.chemical_symbols[int(z)] for z in numbers]
+    expected = {(l, z) for l, _, z in basis.keys(symbols)}
+    if tensor.keys.names == layout.KEY_NAMES:
+        _check_atom_blocks(tensor, numbers, expected, where)
+    else:
+        _check_pair_blocks(tensor, numbers, expected, where)
+
+
+def _check_atom_blocks(tensor, numbers, expected, where: str) -> None:
+    found = {(int(key["o3_lambda"]), int(key["center_type"])) for key in tensor.keys}
+    missing = sorted(expected - found)
+    if missing:
+        l, z = missing[0]
+        raise ValueError(f"{where} has no block o3_lambda={l}, center_type={z} "
+                         f"({len(missing)} block(s) of the basis missing)")
+    for key, block in tensor.items():
+        z = int(key["center_type"])
+        atoms = sorted(torch.unique(block.samples.column("atom")).tolist())
+        wanted = [i for i, number in enumerate(numbers) if int(number) == z]
+        if atoms != wanted:
+            raise ValueError(f"{where}: block o3_lambda={int(key['o3_lambda'])}, "
+                             f"center_type={z} holds atoms {atoms}, the structure has {wanted}")
+
+
+def _check_pair_blocks(tensor, numbers, expected, where: str) -> None:
+    n_atoms = len(numbers)
+    n_l: Dict[int, int] = {}  # l values of each element
+    for _, z in expected:
+        n_l[z] = n_l.get(z, 0) + 1
+    codes = []  # atom pair (i, j) as i * n_atoms + j, once per block holding it
+    for block in tensor.blocks():
+        i, j = (block.samples.column(name).to(torch.int64) for name in ("atom_1", "atom_2"))
+        atoms = torch.cat([i, j])
+        outside = atoms[(atoms < 0) | (atoms >= n_atoms)]
+        if len(outside):
+            raise ValueError(f"{where} holds atom {int(outside[0])}, the structure has "
+                             f"{n_atoms} atoms")
+        codes.append(i * n_atoms + j)
+    codes = torch.cat(codes) if codes else torch.zeros(0, dtype=torch.int64)
+    pairs, counts = torch.unique(codes, return_counts=True)
+    types = torch.tensor([n_l.get(int(z), 0) for z in numbers], dtype=torch.int64)
+    first, second = pairs // n_atoms, pairs % n_atoms
+    wanted = types[first] * types[second]
+    diagonal = set((pairs[first == second] // n_atoms).tolist())
+    lonely = [i for i in range(n_atoms) if i not in diagonal]
+    if lonely:
+        raise ValueError(f"{where} lacks the blocks of atom {lonely[0]} with itself: "
+                         "an incomplete overlap")
+    short = torch.nonzero(counts != wanted).flatten()
+    if len(short):
+        k = int(short[0])
+        raise ValueError(
+            f"{where}: atom pair ({int(first[k])}, {int(second[k])}) is in {int(counts[k])} "
+            f"blocks, its elements' l pairs make {int(wanted[k])}: an incomplete overlap"
+        )
+    transposed = set((second * n_atoms + first).tolist())
+    if transposed != set(pairs.tolist()):
+        k = next(c for c in transposed - set(pairs.tolist()))
+        raise ValueError(f"{where} holds atom pair ({k % n_atoms}, {k // n_atoms}) but not "
+                         f"({k // n_atoms}, {k % n_atoms}): an incomplete overlap")
 
 
 class StructureDescriptors:
@@ -181,7 +269,7 @@ def make_dataset(
     for name in targets:
         if name not in TARGET_FILES:
             raise ValueError(f"unknown target '{name}', expected one of {list(TARGET_FILES)}")
-        field = TargetFile(folder.root, TARGET_FILES[name], dtype, device)
+        field = TargetFile(folder.root, TARGET_FILES[name], dtype, device, folder)
         for i in indices:
             existing_file(field.path(i))
         fields[name] = field
@@ -288,3 +376,83 @@ def split_indices(
         sorted(shuffled[cuts[0] : cuts[1]]),
         sorted(shuffled[cuts[1] : cuts[2]]),
     )
+
+
+SPLIT_SUBSETS = ("train", "val", "test")
+"""The subsets of a split, in order."""
+
+
+def check_split(
+    split: Any, where: str, folder: Optional[DatasetFolder] = None
+) -> Dict[str, List[int]]:
+    """A split (structure indices under ``"train"``, ``"val"``, ``"test"``; a
+    missing or empty subset is empty) checked and sorted.
+
+    Parameters
+    ----------
+    split
+        The split as read from a file or given to :func:`rholearn.workflow.fit`.
+    where : str
+        Names the split in errors (the split file).
+    folder : DatasetFolder, optional
+        If given, every index must be a completed structure of it.
+
+    Raises
+    ------
+    ValueError
+        Naming ``where`` and the index at fault: not a mapping of lists, an
+        unknown subset, an index that is not a non-negative integer (``1.5``,
+        ``"3"``, ``true``), twice in a subset or in two subsets, or (with
+        ``folder``) not a completed structure.
+    """
+    if not isinstance(split, Mapping):
+        raise ValueError(f"split '{where}' must map {list(SPLIT_SUBSETS)} to lists of "
+                         f"structure indices, got {type(split).__name__}")
+    unknown = sorted(str(name) for name in set(split) - set(SPLIT_SUBSETS))
+    if unknown:
+        raise ValueError(f"split '{where}' has unknown subset '{unknown[0]}', expected some "
+                         f"of {list(SPLIT_SUBSETS)}")
+    checked: Dict[str, List[int]] = {}
+    subset_of: Dict[int, str] = {}
+    for name in SPLIT_SUBSETS:
+        indices = split.get(name) or []
+        if not isinstance(indices, (list, tuple)):
+            raise ValueError(f"split '{where}': '{name}' must be a list of structure indices, "
+                             f"got {indices!r}")
+        for index in indices:
+            if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
+                raise ValueError(f"split '{where}': '{name}' holds {index!r}, not a "
+                                 "structure index (an integer >= 0)")
+            if int(index) in subset_of:
+                place = ("twice in" if subset_of[int(index)] == name
+                         else f"in '{subset_of[int(index)]}' and in")
+                raise ValueError(f"split '{where}': structure {index} is {place} '{name}'")
+            subset_of[int(index)] = name
+        checked[name] = sorted(int(index) for index in indices)
+    if folder is not None:
+        for name, indices in checked.items():
+            try:
+                check_completed(folder, indices)
+            except ValueError as error:
+                raise ValueError(f"split '{where}', '{name}': {error}") from None
+    return checked
+
+
+def check_trained_elements(folder: DatasetFolder, split: Mapping[str, Sequence[int]]) -> None:
+    """Raise a ``ValueError`` if a validation or test structure has an element
+    that no training structure has (the model could not learn it), naming the
+    elements and the structures."""
+    trained = {z for i in split["train"] for z in folder.frames[i].numbers.tolist()}
+    untrained: Dict[str, List[int]] = {}
+    for name in SPLIT_SUBSETS[1:]:
+        for i in split.get(name, ()):
+            for z in sorted(set(folder.frames[i].numbers.tolist()) - trained):
+                untrained.setdefault(ase.data.chemical_symbols[z], []).append(i)
+    if untrained:
+        details = "; ".join(f"{symbol} in structures {indices}"
+                            for symbol, indices in sorted(untrained.items()))
+        raise ValueError(
+            f"element(s) {sorted(untrained)} of '{folder.root}' are only in validation or "
+            f"test structures ({details}), in none of the training structures: the model "
+            "cannot learn them; put some of these structures in the training set"
+        )

@@ -10,6 +10,7 @@ A dataset is written by a backend (``rhocalc.batch.run_batch``) and read by
       failures.json    index -> {"structure", "error", "reason"} of failed structures
       0/ 1/ ...        one folder per completed structure (:class:`Targets`):
                        coefficients.mts  projections.mts  overlap.mts  info.json
+                       and the molecular tensors computed (:data:`PROPERTY_FILES`)
 
 A structure folder is written to a temporary folder and renamed
 (:func:`rholearn.files.atomic_folder`), so a folder that exists is complete.
@@ -20,31 +21,31 @@ settings or basis.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import json
 import os
 import warnings
-from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Any, ContextManager, Dict, Iterator, List, NamedTuple, Optional, Sequence
 
 import ase
 import ase.io
 import numpy as np
+import scipy.spatial
 from metatensor import TensorMap
 
-from . import layout
+from . import files, layout, tensors
 from .basis import BasisSet
 from .files import atomic_folder, atomic_path, differing_keys, recorded_json, write_json
 
 SETTINGS_FILE = "settings.json"
 """Settings that define a dataset's targets, with the ``"backend"`` that computed them."""
 
+PROPERTY_FILES = {name: f"{name}.mts" for name in tensors.RANKS}
+"""``dipole.mts``, ``polarizability.mts``: per-structure molecular tensors
+(:mod:`rholearn.tensors`), in a structure's folder when its backend computed them."""
+
 POSITION_TOLERANCE = 1e-6
 """Angstrom: structures.xyz stores 8 decimals, so a resumed dataset matches to this."""
-
-LOCK_FILE = ".lock"
-"""Held (``flock``) by the one process writing a dataset (:func:`exclusive_lock`)."""
 
 
 class DatasetError(ValueError):
@@ -59,6 +60,46 @@ def structure_name(atoms: ase.Atoms, name: Optional[str] = None) -> str:
     if name is not None:
         return str(name)
     return str(atoms.info.get("name", atoms.get_chemical_formula()))
+
+
+MIN_DISTANCE = 0.3
+"""Angstrom: atoms closer than this are refused as overlapping. The shortest
+chemical bond (H2) is 0.74 Angstrom; strongly distorted training structures may
+come closer, but nuclei nearer than this make an orbital basis nearly linearly
+dependent (an SCF then fails with a singular matrix) and no model was trained on
+them: they are a unit or input error."""
+
+
+def check_positions(atoms: ase.Atoms, where: str = "structure") -> None:
+    """Refuse a structure whose positions no calculation or model can use.
+
+    Raises
+    ------
+    ValueError
+        Naming ``where`` and the cause: no atoms; a NaN or infinite position
+        (naming the atom); two atoms closer than :data:`MIN_DISTANCE` Angstrom
+        (naming both, with their distance).
+    """
+    if len(atoms) == 0:
+        raise ValueError(f"{where}: no atoms")
+    bad = np.flatnonzero(~np.isfinite(atoms.positions).all(axis=1))
+    if len(bad):
+        raise ValueError(
+            f"{where}: atom {bad[0]} ({atoms.get_chemical_symbols()[bad[0]]}) has a non-finite "
+            f"position {atoms.positions[bad[0]].tolist()}"
+        )
+    if len(atoms) < 2:
+        return
+    distances, neighbours = scipy.spatial.cKDTree(atoms.positions).query(atoms.positions, k=2)
+    first = int(np.argmin(distances[:, 1]))
+    if distances[first, 1] < MIN_DISTANCE:
+        i, j = sorted((first, int(neighbours[first, 1])))
+        symbols = atoms.get_chemical_symbols()
+        raise ValueError(
+            f"{where}: atoms {i} ({symbols[i]}) and {j} ({symbols[j]}) are "
+            f"{distances[first, 1]:.3f} Angstrom apart, closer than {MIN_DISTANCE} Angstrom: "
+            "overlapping atoms (positions in Angstrom?)"
+        )
 
 
 def read_structures(path: str, index: str = ":") -> List[ase.Atoms]:
@@ -310,19 +351,12 @@ def claim(
         basis.save(basis_path)
 
 
-@contextlib.contextmanager
-def exclusive_lock(out: str):
-    """Hold an exclusive ``flock`` on ``out/.lock``; the kernel releases it when
-    the process dies, so a killed run never blocks the next one."""
-    path = os.path.join(out, LOCK_FILE)
-    with open(path, "w") as file:
-        try:
-            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as error:
-            raise DatasetError(
-                f"another run is writing to '{out}' (it holds a lock on '{path}')"
-            ) from error
-        yield
+def exclusive_lock(out: str) -> ContextManager[None]:
+    """Hold an exclusive ``flock`` on ``out/.lock`` (:func:`rholearn.files.exclusive_lock`):
+    a second writer is refused with a :class:`DatasetError`."""
+    return files.exclusive_lock(out, lambda path: DatasetError(
+        f"another run is writing to '{out}' (it holds a lock on '{path}')"
+    ))
 
 
 # ------------------------------------------------------------------ targets ---
@@ -342,20 +376,26 @@ class Targets:
     info : dict
         JSON-serialisable diagnostics: SCF energy (Hartree), electron counts,
         fit errors, timings (s), options used.
+    properties : dict
+        ``name -> TensorMap`` of the molecular tensors computed (keys of
+        :data:`PROPERTY_FILES`; layout of :mod:`rholearn.tensors`), often none.
     """
 
     coefficients: TensorMap
     projections: TensorMap
     overlap: TensorMap
     info: Dict[str, Any]
+    properties: Dict[str, TensorMap] = dataclasses.field(default_factory=dict)
 
     def write(self, folder: str) -> None:
-        """Write the four files into ``folder`` atomically
+        """Write the files into ``folder`` atomically
         (:func:`~rholearn.files.atomic_folder`): a folder that exists is complete."""
         with atomic_folder(folder) as tmp:
             layout.save(os.path.join(tmp, layout.COEFFICIENTS_FILE), self.coefficients)
             layout.save(os.path.join(tmp, layout.PROJECTIONS_FILE), self.projections)
             layout.save(os.path.join(tmp, layout.OVERLAP_FILE), self.overlap)
+            for name, tensor in self.properties.items():
+                layout.save(os.path.join(tmp, PROPERTY_FILES[name]), tensor)
             with open(os.path.join(tmp, layout.INFO_FILE), "w") as f:
                 json.dump(self.info, f, indent=1)
 
@@ -368,11 +408,17 @@ class Targets:
                 info = json.load(f)
         except (OSError, ValueError) as error:
             raise ValueError(f"cannot read '{info_path}': {error}") from error
+        properties = {
+            name: layout.load(os.path.join(folder, file))
+            for name, file in PROPERTY_FILES.items()
+            if os.path.exists(os.path.join(folder, file))
+        }
         return cls(
             coefficients=layout.load(os.path.join(folder, layout.COEFFICIENTS_FILE)),
             projections=layout.load(os.path.join(folder, layout.PROJECTIONS_FILE)),
             overlap=layout.load(os.path.join(folder, layout.OVERLAP_FILE)),
             info=info,
+            properties=properties,
         )
 
 
@@ -414,7 +460,9 @@ def read_dataset(root: str, basis: Optional[BasisSet] = None) -> DatasetFolder:
     FileNotFoundError
         If the folder, ``basis.json`` or ``structures.xyz`` is missing.
     ValueError
-        If no structure is completed, or the basis differs from ``basis``.
+        If no structure is completed, the basis differs from ``basis``, or there
+        are structure folders beyond the structures of ``structures.xyz`` (a
+        :class:`DatasetError`: the file was cut short or replaced).
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"no such dataset folder: '{root}'")
@@ -422,7 +470,16 @@ def read_dataset(root: str, basis: Optional[BasisSet] = None) -> DatasetFolder:
     dataset_basis = BasisSet.load(basis_path)
     if basis is not None:
         check_same_basis(basis, dataset_basis, where=basis_path, expected_by="the model's")
-    frames = read_structures(existing_file(os.path.join(root, layout.STRUCTURES_FILE)))
+    structures_path = existing_file(os.path.join(root, layout.STRUCTURES_FILE))
+    frames = read_structures(structures_path)
+    beyond = sorted(int(name) for name in os.listdir(root) if name.isdigit()
+                    and int(name) >= len(frames) and os.path.isdir(os.path.join(root, name)))
+    if beyond:
+        raise DatasetError(
+            f"'{structures_path}' holds {len(frames)} structures, but '{root}' has structure "
+            f"folders {_listed(beyond)} beyond them: {layout.STRUCTURES_FILE} was cut short or "
+            "replaced; restore it (or remove those folders)"
+        )
     indices = [i for i in range(len(frames)) if is_complete(root, i)]
     failures = {
         i: str(failure)  # "name, error: reason"
@@ -445,6 +502,12 @@ def existing_file(path: str) -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"missing file '{path}'")
     return path
+
+
+def _listed(indices: List[int], shown: int = 5) -> str:
+    """``[4, 5, 6]``, or ``[4, 5, 6, 7, 8, ... (12 in all)]`` for long lists."""
+    text = ", ".join(str(i) for i in indices[:shown])
+    return f"[{text}, ... ({len(indices)} in all)]" if len(indices) > shown else f"[{text}]"
 
 
 def _summarise(failures: Dict[int, str], shown: int = 5) -> str:

@@ -4,11 +4,12 @@ and the one-line report of a file error that the command-line tools print."""
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import json
 import os
 import shutil
-from typing import Any, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List
 
 
 @contextlib.contextmanager
@@ -56,26 +57,67 @@ STALE_PATTERN = ".tmp-*"
 """What :func:`atomic_path` and other atomic writers leave behind when killed."""
 
 
-def remove_stale_files(folder: str, subfolders: bool = False) -> List[str]:
-    """Remove the ``.tmp-*`` files and folders a killed writer left in ``folder``
-    (and, with ``subfolders``, in its immediate subfolders, e.g. a run's descriptor cache).
+def remove_stale_files(folder: str) -> List[str]:
+    """Remove the ``.tmp-*`` files and folders a killed writer left in ``folder`` (a
+    symlink named ``.tmp-*`` is removed, not its target).
 
-    Call it only while no other process writes into these folders. Returns the
+    Call it only while no other process writes into the folder. Returns the
     removed paths (none if ``folder`` does not exist).
     """
-    folders = [folder]
-    if subfolders and os.path.isdir(folder):
-        folders += sorted(e.path for e in os.scandir(folder) if e.is_dir() and
-                          not e.name.startswith(".tmp-"))
-    removed = sorted(
-        path for f in folders for path in glob.glob(os.path.join(glob.escape(f), STALE_PATTERN))
-    )
+    removed = sorted(glob.glob(os.path.join(glob.escape(folder), STALE_PATTERN)))
     for path in removed:
         if os.path.isdir(path) and not os.path.islink(path):
             shutil.rmtree(path, ignore_errors=True)
         else:
             os.remove(path)
     return removed
+
+
+def remove_orphans(path: str) -> List[str]:
+    """Remove the ``.tmp-<pid>-<name>`` files that killed writers of ``path``
+    (:func:`atomic_path`) left beside it; those of a process still running stay.
+
+    Safe while other processes write other files of the folder. Returns the removed paths.
+    """
+    directory, name = os.path.split(os.path.abspath(path))
+    removed = []
+    for tmp in glob.glob(os.path.join(glob.escape(directory), f".tmp-*-{glob.escape(name)}")):
+        pid = os.path.basename(tmp)[len(".tmp-"):-len(name) - 1]
+        if pid.isdigit() and not _running(int(pid)):
+            os.remove(tmp)
+            removed.append(tmp)
+    return sorted(removed)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+LOCK_FILE = ".lock"
+"""Held (``flock``) by the one process writing a folder (:func:`exclusive_lock`)."""
+
+
+@contextlib.contextmanager
+def exclusive_lock(folder: str, busy: Callable[[str], Exception]) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``folder/.lock`` for the block.
+
+    The kernel releases it when the process dies, so a killed writer never blocks
+    the next one. If another process (or another open of the file) holds it,
+    ``busy(lock_path)`` is raised.
+    """
+    path = os.path.join(folder, LOCK_FILE)
+    with open(path, "w") as file:
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            raise busy(path) from error
+        yield
 
 
 def write_json(path: str, data: Any) -> None:
@@ -110,9 +152,15 @@ def differing_keys(recorded: Dict[str, Any], requested: Dict[str, Any]) -> List[
     return sorted(k for k in set(recorded) | set(requested) if recorded.get(k) != requested.get(k))
 
 
+_LAZY_FIELD_ERROR = "Error loading data field"
+"""How ``metatensor.learn.IndexedDataset`` starts the error it raises from a lazy field's."""
+
+
 def error_line(error: Exception) -> str:
     """One line for an error, as the command-line tools print it: an ``OSError``
-    names its path(s), a ``KeyError`` loses the quotes ``str`` adds."""
+    names its path(s), a ``KeyError`` loses the quotes ``str`` adds, and
+    metatensor-learn's wrapper of an error in a lazily loaded field ("Error loading
+    data field ...", which names no file) ends with the line of the error it wraps."""
     if isinstance(error, (FileExistsError, NotADirectoryError)) and os.path.isfile(
         str(error.filename)
     ):
@@ -124,4 +172,6 @@ def error_line(error: Exception) -> str:
         text = str(error.args[0])
     else:
         text = str(error)
+    if text.startswith(_LAZY_FIELD_ERROR) and isinstance(error.__cause__, Exception):
+        text = f"{text}: {error_line(error.__cause__)}"
     return " ".join(line.strip() for line in text.splitlines() if line.strip())

@@ -26,11 +26,15 @@ from __future__ import annotations
 
 from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
 
+import ase.data
 import metatensor.torch as mts
+import numpy as np
 import torch
 from metatensor.torch import TensorBlock, TensorMap
 
-from .overlap import SparseOverlap, align_samples, key_string, overlap_matvec
+from . import layout
+from .basis import BasisSet
+from .overlap import SparseOverlap, align_samples, key_string
 
 
 class OverlapNorms(NamedTuple):
@@ -186,38 +190,52 @@ def subtract_baseline(coefficients: TensorMap, baseline: TensorMap) -> TensorMap
 
 @torch.no_grad()
 def atom_error_shares(
-    prediction: TensorMap, reference: TensorMap, overlap: TensorMap
-) -> Dict[Tuple[int, int], float]:
-    """Each atom's share of its structure's squared L2 error, in %.
+    prediction: TensorMap,
+    reference: TensorMap,
+    overlap: TensorMap,
+    atomic_numbers: Sequence[int],
+    basis: BasisSet,
+) -> np.ndarray:
+    """Each atom's share of one structure's squared L2 error ``dc^T S dc``, in %.
 
-    The error ``dc^T S dc = sum_i dc_i^T (S dc)_i`` splits over the atoms ``i``
-    (their own coefficients ``dc_i`` against the overlap-weighted error of the
-    whole structure); the shares of a structure sum to 100 %. An atom whose
-    error cancels part of its neighbours' can have a negative share.
+    The error is written in the Loewdin-orthonormalised basis, ``r = S^(1/2) dc``
+    (symmetric square root: the orthonormal functions closest to the original
+    ones, each still centred on its atom), so that ``dc^T S dc = sum_k r_k^2``;
+    an atom's share is the sum of ``r_k^2`` over its own functions ``k``, as in
+    a Loewdin population analysis. Shares are non-negative and sum to 100 %
+    (0 for every atom of a structure predicted exactly). The split
+    ``sum_i dc_i^T (S dc)_i`` would sum to 100 % too, but gives negative shares
+    (and others above 100 %) where neighbouring errors cancel.
 
     Parameters
     ----------
     prediction, reference : TensorMap
-        Coefficients of the same structures (layout of :mod:`rholearn.layout`).
+        Coefficients of one structure (layout of :mod:`rholearn.layout`).
     overlap : TensorMap
-        Their overlap (pair layout).
+        Its overlap (pair layout, both orders of each pair).
+    atomic_numbers : sequence of int
+        The structure's atoms, in order.
+    basis : BasisSet
+        The auxiliary basis of the coefficients.
 
     Returns
     -------
-    dict
-        ``(system, atom)`` -> share in %.
+    numpy.ndarray
+        Shape ``(atoms,)``, in %.
+
+    Notes
+    -----
+    Builds the dense overlap and its eigendecomposition: memory quadratic and
+    time cubic in the structure's number of basis functions (a 24-atom molecule
+    in a JK-fit basis, ~1400 functions: well under a second).
     """
     error = mts.subtract(prediction, align_samples(reference, prediction, "reference"))
-    weighted = overlap_matvec(error, overlap)
-    per_atom: Dict[Tuple[int, int], float] = {}
-    for block, weighted_block in zip(error.blocks(), weighted.blocks()):
-        values = (block.values * weighted_block.values).sum(dim=(1, 2))
-        for (system, atom), value in zip(block.samples.values.tolist(), values.tolist()):
-            per_atom[(system, atom)] = per_atom.get((system, atom), 0.0) + value
-    totals: Dict[int, float] = {}
-    for (system, _), value in per_atom.items():
-        totals[system] = totals.get(system, 0.0) + value
-    return {
-        (system, atom): 100.0 * value / totals[system] if totals[system] > 0 else 0.0
-        for (system, atom), value in per_atom.items()
-    }
+    vector = layout.tensormap_to_vector(error, atomic_numbers, basis)
+    matrix = layout.pair_tensormap_to_matrix(overlap, atomic_numbers, basis)
+    eigenvalues, eigenvectors = np.linalg.eigh(0.5 * (matrix + matrix.T))
+    root = eigenvectors @ (np.sqrt(np.clip(eigenvalues, 0.0, None)) * (eigenvectors.T @ vector))
+    symbols = [ase.data.chemical_symbols[z] for z in atomic_numbers]
+    owner = np.array([atom for atom, _, _, _ in basis.functions(symbols)], dtype=np.int64)
+    per_atom = np.bincount(owner, weights=root**2, minlength=len(atomic_numbers))
+    total = per_atom.sum()
+    return 100.0 * per_atom / total if total > 0 else np.zeros(len(atomic_numbers))

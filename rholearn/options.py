@@ -141,29 +141,45 @@ def _describe(value: Any) -> str:
 
 
 def keyword_options(
-    target: Any, given: Mapping[str, Any], where: str, exclude: Sequence[str] = ("dtype", "device")
+    target: Any,
+    given: Mapping[str, Any],
+    where: str,
+    exclude: Sequence[str] = ("dtype", "device"),
+    others: Sequence[Any] = (),
 ) -> Dict[str, Any]:
     """``given`` completed with the defaults of ``target``'s keyword arguments.
 
     For free-form options passed on to a constructor (e.g. a model's
     ``n_references``): the result lists every keyword the constructor takes
     with a default (except ``exclude``), as plain data, so that written-out
-    options show them all; a key the constructor does not take raises an
-    :class:`OptionsError` naming ``where.key``.
+    options show them all. A key the constructor does not take is dropped if it
+    holds the default of one of ``others`` (the alternatives to ``target``: a
+    written-out file whose choice was switched, e.g. ``-r model=linear`` on the
+    kernel's options), and raises an :class:`OptionsError` naming ``where.key``
+    otherwise.
     """
-    parameters = inspect.signature(target).parameters.values()
-    defaults = {
-        p.name: p.default for p in parameters
-        if p.default is not inspect.Parameter.empty and p.name not in exclude
-    }
+    defaults = _keyword_defaults(target, exclude)
+    left_behind = {}
+    for other in others:
+        left_behind.update(json.loads(json.dumps(_keyword_defaults(other, exclude))))
+    given = {k: v for k, v in json.loads(json.dumps(dict(given))).items()
+             if k in defaults or k not in left_behind or left_behind[k] != v}
     unknown = sorted(set(given) - set(defaults))
     if unknown:
         name = getattr(target, "__name__", str(target))
         raise OptionsError(
             f"unknown option '{where}.{unknown[0]}' for {name}, which takes: "
-            f"{', '.join(sorted(defaults)) or 'none'} (options of another choice left behind?)"
+            f"{', '.join(sorted(defaults)) or 'none'} (an option of another choice "
+            "left behind? remove it)"
         )
     return json.loads(json.dumps({**defaults, **given}))
+
+
+def _keyword_defaults(target: Any, exclude: Sequence[str]) -> Dict[str, Any]:
+    return {
+        p.name: p.default for p in inspect.signature(target).parameters.values()
+        if p.default is not inspect.Parameter.empty and p.name not in exclude
+    }
 
 
 def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
@@ -182,11 +198,32 @@ def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 # --------------------------------------------------------------------- files ---
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases (``*name``): options are plain
+    values, and nested aliases expand exponentially (a few lines can hold more
+    values than memory)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias '*{event.anchor}': rholearn options take no YAML aliases "
+                "(write the value out)", event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def load_yaml(stream: Any) -> Any:
+    """Plain data from YAML text or a file object, aliases refused (:class:`yaml.YAMLError`)."""
+    return yaml.load(stream, Loader=_NoAliasLoader)
+
+
 def read_yaml(path: str) -> Dict[str, Any]:
-    """A YAML file of options as nested plain data; errors name the file."""
+    """A YAML file of options as nested plain data; errors name the file (aliases,
+    ``*name``, are refused: see :func:`load_yaml`)."""
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = load_yaml(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"no such options file: '{path}'") from None
     except yaml.YAMLError as error:
@@ -198,15 +235,23 @@ def read_yaml(path: str) -> Dict[str, Any]:
     return data
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that writes a value used twice out twice: what it writes,
+    :func:`load_yaml` reads back (it refuses aliases)."""
+
+    def ignore_aliases(self, data):
+        return True
+
+
 def write_yaml(path: str, data: Mapping[str, Any]) -> None:
-    """Write plain data as YAML, atomically (keys in definition order)."""
+    """Write plain data as YAML, atomically (keys in definition order, no aliases)."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        yaml.safe_dump(dict(data), f, sort_keys=False)
+        f.write(dump_yaml(data))
 
 
 def dump_yaml(data: Mapping[str, Any]) -> str:
-    """Plain data as a YAML string (keys in definition order)."""
-    return yaml.safe_dump(dict(data), sort_keys=False)
+    """Plain data as a YAML string (keys in definition order, no aliases)."""
+    return yaml.dump(dict(data), Dumper=_NoAliasDumper, sort_keys=False)
 
 
 # ----------------------------------------------------------------- overrides ---
@@ -216,7 +261,7 @@ def parse_override(text: str) -> Tuple[List[str], Any]:
     if not separator or not key.strip():
         raise OptionsError(f"override '{text}' must look like key=value, e.g. train.epochs=20")
     try:
-        value = yaml.safe_load(raw)
+        value = load_yaml(raw)
     except yaml.YAMLError as error:
         raise OptionsError(f"override '{text}': the value is not valid YAML: {error}") from None
     return key.strip().split("."), value
@@ -237,11 +282,13 @@ def apply_override(data: Dict[str, Any], path: Sequence[str], value: Any) -> Dic
 
 
 # --------------------------------------------------------------------- flags ---
-def leaf_options(cls: type, where: str = "") -> List[Tuple[str, Any, Any, str]]:
-    """``(dotted name, type hint, default, help)`` of every option of ``cls``, nested
-    dataclasses expanded, in definition order."""
+def leaf_options(cls: type, where: str = "") -> List[Tuple[str, Any, Any, str, List[str]]]:
+    """``(dotted name, type hint, default, help, choices)`` of every option of ``cls``,
+    nested dataclasses expanded, in definition order (choices: see
+    :func:`parameter_choices`; empty if not a fixed set)."""
     hints = typing.get_type_hints(cls)
     documented = parameter_docs(cls)
+    choices = parameter_choices(cls)
     leaves = []
     for field in dataclasses.fields(cls):
         if not field.init:
@@ -254,8 +301,44 @@ def leaf_options(cls: type, where: str = "") -> List[Tuple[str, Any, Any, str]]:
             field.default_factory() if field.default_factory is not dataclasses.MISSING
             else field.default
         )
-        leaves.append((name, hint, default, field.metadata.get("help", documented.get(field.name, ""))))
+        leaves.append((name, hint, default, field.metadata.get("help", documented.get(field.name, "")),
+                       choices.get(field.name, [])))
     return leaves
+
+
+def parameter_choices(cls: type) -> Dict[str, List[str]]:
+    """The values of each parameter whose numpydoc type is a set of strings
+    (``model : {"kernel", "linear"}``), in the order written."""
+    choices = {}
+    for line in inspect.cleandoc(cls.__doc__ or "").splitlines():
+        match = re.fullmatch(r"(\w+(?:, \w+)*) : \{(.*)\}", line.strip())
+        if match and not line.startswith(" "):
+            values = [v.strip() for v in match.group(2).split(",")]
+            if all(len(v) > 1 and v[0] == v[-1] == '"' for v in values):
+                for name in match.group(1).split(", "):
+                    choices[name] = [v[1:-1] for v in values]
+    return choices
+
+
+def plain_text(text: str) -> str:
+    """Docstring text as a terminal shows it: Sphinx roles (``:class:`~a.B```)
+    become their target (``B``), double backquotes are dropped."""
+    text = re.sub(r":[a-z]+:`~[\w.]*?(\w+)`", r"\1", text)
+    text = re.sub(r":[a-z]+:`([^`]+)`", r"\1", text)
+    return text.replace("``", "")
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """``--help`` with each argument's default, unless the help text already
+    states it or there is none to show (``None``, ``False``, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is argparse.SUPPRESS or default is None
+                or default is False or default == []):
+            return text
+        return f"{text} (default: %(default)s)".strip()
 
 
 def parameter_docs(cls: type) -> Dict[str, str]:
@@ -292,16 +375,20 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     overrides the options file; ``--help`` shows each option's default.
     """
     group = parser.add_argument_group(f"options ({cls.__name__}; also settable in the options file)")
-    for name, hint, default, help_text in leaf_options(cls):
-        shown = "null" if default is None else default
-        kind = {"action": argparse.BooleanOptionalAction} if hint is bool else {"metavar": "VALUE"}
+    for name, hint, default, help_text, choices in leaf_options(cls):
+        shown = "null" if default is None else json.dumps(default) if isinstance(default, dict) \
+            else default
+        metavar = "{" + ",".join(choices) + "}" if choices else "VALUE"
+        kind = {"action": argparse.BooleanOptionalAction} if hint is bool else {"metavar": metavar}
         group.add_argument(
             "--" + name.replace("_", "-"),
             dest="option:" + name,
             default=argparse.SUPPRESS,
-            help=f"{help_text.replace('``', '')} (default: {shown})".replace("%", "%%"),
+            help=(plain_text(help_text) if "default" in help_text  # said in its own words
+                  else f"{plain_text(help_text)} (default: {shown})").replace("%", "%%"),
             **kind,
         )
+
 
 
 def flag_overrides(args: argparse.Namespace) -> List[Tuple[List[str], Any]]:
@@ -309,7 +396,7 @@ def flag_overrides(args: argparse.Namespace) -> List[Tuple[List[str], Any]]:
     overrides = []
     for dest, raw in vars(args).items():
         if dest.startswith("option:"):
-            value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+            value = load_yaml(raw) if isinstance(raw, str) else raw
             overrides.append((dest[len("option:"):].split("."), value))
     return overrides
 

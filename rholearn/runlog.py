@@ -15,7 +15,8 @@ import os
 import sys
 from typing import Iterator
 
-LOG_NAME = "train.log"
+from .run import TEXT_LOG_FILE
+
 LOGGER = logging.getLogger("rholearn")
 
 
@@ -30,7 +31,7 @@ def run_log(run_dir: str, console: bool = True) -> Iterator[logging.Logger]:
     console : bool
         Also print each message, without timestamp, on stdout.
     """
-    path = os.path.abspath(os.path.join(run_dir, LOG_NAME))
+    path = os.path.abspath(os.path.join(run_dir, TEXT_LOG_FILE))
     if any(getattr(handler, "baseFilename", None) == path for handler in LOGGER.handlers):
         yield LOGGER  # an enclosing block logs to this run already
         return

@@ -1,13 +1,12 @@
 """Training loop: minibatch Adam or full-batch LBFGS, validation, early stopping,
 checkpoints that resume a run exactly.
 
-A run writes into its own folder ``run_dir``::
+A run writes into its own folder ``run_dir`` (file names: :mod:`rholearn.run`)::
 
-    options.json         the TrainOptions as used
     log.csv              epoch, train_loss, val_loss (per structure), val_rmse_percent,
                          learning_rate, seconds
     train.log            the same as text with timestamps, warnings and how to resume
-    checkpoint_last.pt   the state after the latest checkpointed epoch
+    checkpoint_last.pt   the state after the latest checkpointed epoch, with the options
     checkpoint_best.pt   the weights of the epoch with the lowest validation loss
                          (training loss without validation data)
 
@@ -20,8 +19,11 @@ weights, bit for bit, as one that was never interrupted.
 
 Both are written atomically and hold only tensors and plain data (dicts, lists,
 numbers, strings), so they are read with ``torch.load(weights_only=True)``: a
-crafted file cannot run code, it is refused. Their format is versioned
-(:data:`CHECKPOINT_FORMAT`).
+crafted file cannot run code, it is refused. Their format has an integer version
+(:data:`rholearn.run.CHECKPOINT_FORMAT`); older files are upgraded on reading.
+
+A resumed run may change only :data:`RESUMABLE_OPTIONS`; a new learning rate is
+applied from the next epoch (and logged), any other change is refused.
 """
 
 from __future__ import annotations
@@ -32,26 +34,34 @@ import math
 import os
 import random
 import time
-import warnings
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 from metatensor.learn.data import IndexedDataset
 
-from .data import make_dataloader
-from .files import atomic_path, remove_stale_files, write_json
+from . import distributed
+from .data import collate, make_dataloader
 from .models.weights import load_weights
-from .runlog import run_log
+from .run import (
+    BEST_CHECKPOINT,
+    EPOCH_LOG_FILE as LOG_FILE,
+    LAST_CHECKPOINT,
+    RunFolder,
+    checkpoint_fields,
+    read_checkpoint,
+    save_checkpoint,
+)
 
-OPTIONS_FILE = "options.json"
-LOG_FILE = "log.csv"
-LAST_CHECKPOINT = "checkpoint_last.pt"
-BEST_CHECKPOINT = "checkpoint_best.pt"
 LOG_COLUMNS = ["epoch", "train_loss", "val_loss", "val_rmse_percent", "learning_rate", "seconds"]
-CHECKPOINT_FORMAT = "rholearn.checkpoint/2"
-"""Written into every checkpoint as ``"format"``; other versions are refused."""
+RESUMABLE_OPTIONS = ("epochs", "verbose", "checkpoint_every", "learning_rate",
+                     "early_stopping_patience", "device")
+"""The :class:`TrainOptions` a resumed run may change (the others are refused)."""
 _STATE_KEYS = ("epoch", "best_loss", "best_epoch", "stale_epochs", "history")
+
+DIVERGENCE_FACTOR = 1e3
+"""A training loss this many times that of the first epoch stops training as
+diverged (too large a learning rate): a converging run never climbs that far."""
 
 LossFunction = Callable[[Any, Any], torch.Tensor]
 """``loss_fn(prediction, batch) -> scalar``: the loss of a batch, summed over its
@@ -60,7 +70,7 @@ structures (so that the losses of the batches of an epoch add up)."""
 
 @dataclasses.dataclass
 class TrainOptions:
-    """Settings of a training run (written to ``run_dir/options.json``).
+    """Settings of a training run (recorded in its checkpoints).
 
     Parameters
     ----------
@@ -184,14 +194,23 @@ def train(
     run_dir : str
         Output folder, created if needed.
     resume : bool
-        Continue from ``run_dir/checkpoint_last.pt`` if it exists. Without it a
-        ``run_dir`` that already holds a checkpoint is refused. Temporary files a
-        killed run left in ``run_dir`` and its subfolders are removed.
+        Continue from ``run_dir/checkpoint_last.pt`` if it exists, with the options
+        saved there except :data:`RESUMABLE_OPTIONS` (another optimizer, dtype, ...
+        is refused before anything is written; a new ``learning_rate`` is applied).
+        Without it a ``run_dir`` that already holds a checkpoint is refused.
+        Temporary files a killed run left in ``run_dir`` and its own subfolders
+        are removed. The folder is locked: a second process on it is refused.
     val_spread : float, optional
         ``sum (c - c_base)^T S (c - c_base)`` over the validation structures;
         with it and a loss summing ``dc^T S dc`` (:class:`rholearn.loss.OverlapLoss`),
         each epoch also logs the validation % RMSE
         ``100 sqrt(sum dc^T S dc / val_spread)`` (:mod:`rholearn.metrics`).
+
+    Under :mod:`rholearn.distributed` (``torchrun``, ``srun``), each process takes its
+    share of every batch (:class:`~rholearn.distributed.ShardedBatchSampler`), the
+    gradients and losses are summed over the processes (the loss of one process on the
+    whole batch; LBFGS sees the full-batch loss), and process 0 alone writes ``run_dir``;
+    every process returns the same history and weights.
 
     Progress goes to the ``rholearn`` logger: ``run_dir/train.log`` and, with
     ``options.verbose``, stdout. On Ctrl-C the run stops with a message saying
@@ -205,47 +224,54 @@ def train(
         ``val_loss`` (per structure), ``val_rmse_percent``, ``learning_rate``,
         ``seconds``.
     """
-    with run_log(run_dir, console=options.verbose) as log:
+    run = RunFolder(run_dir)
+    with distributed.on_main(run.locked()), distributed.rank_log(run_dir, options.verbose) as log:
         try:
-            return _train(model, loss_fn, train_data, val_data, options, run_dir, resume,
+            return _train(model, loss_fn, train_data, val_data, options, run, resume,
                           val_spread, log)
         except KeyboardInterrupt:
             log.warning(
                 f"interrupted: '{run_dir}' keeps the last checkpointed epoch; continue with "
-                f"resume=True (rholearn train {run_dir}/options.yaml --resume)"
+                f"{run.resume_hint()}"
             )
             raise
 
 
-def _train(model, loss_fn, train_data, val_data, options, run_dir, resume, val_spread, log):
-    os.makedirs(run_dir, exist_ok=True)
-    last_path = os.path.join(run_dir, LAST_CHECKPOINT)
+def _train(model, loss_fn, train_data, val_data, options, run, resume, val_spread, log):
+    last_path = run.file(LAST_CHECKPOINT)
+    checkpoint = None
     if os.path.exists(last_path) and not resume:
         raise FileExistsError(
-            f"'{run_dir}' already holds a training run ('{last_path}'); pass "
+            f"'{run.path}' already holds a training run ('{last_path}'); pass "
             "resume=True to continue it or choose another run_dir"
         )
-    remove_stale_files(run_dir, subfolders=True)  # and the descriptor cache
+    if resume and os.path.exists(last_path):
+        checkpoint = read_checkpoint(last_path)
+        _check_resumable(checkpoint.get("options", {}), options, last_path)
+    if distributed.is_main():
+        run.remove_stale_files()  # and the descriptor cache's
     _seed_everything(options.seed)
     model.to(device=torch.device(options.device), dtype=options.torch_dtype)
     generator = torch.Generator().manual_seed(options.seed)
-    train_loader = make_dataloader(
+    loader = _sharded_loader if distributed.active() else make_dataloader
+    train_loader = loader(
         train_data,
         options.batch_size,
         shuffle=options.optimizer == "adam",
         generator=generator,
     )
-    val_loader = None if val_data is None else make_dataloader(val_data, options.batch_size)
+    val_loader = None if val_data is None else loader(val_data, options.batch_size)
     optimizer = _optimizer(model, options)
     scheduler = _scheduler(optimizer, options)
     state = {"epoch": 0, "best_loss": math.inf, "best_epoch": 0, "stale_epochs": 0, "history": []}
 
-    if resume and os.path.exists(last_path):
-        checkpoint = load_checkpoint(last_path, model, optimizer, scheduler, generator)
+    if checkpoint is not None:
+        restore_checkpoint(checkpoint, last_path, model, optimizer, scheduler, generator)
         state = {name: checkpoint[name] for name in _STATE_KEYS}
-        _warn_if_options_changed(checkpoint["options"], options, last_path)
-    write_json(os.path.join(run_dir, OPTIONS_FILE), dataclasses.asdict(options))
-    _write_log(os.path.join(run_dir, LOG_FILE), state["history"])
+        _apply_learning_rate(checkpoint["options"], options, optimizer, state, log)
+    writes = distributed.is_main()  # the run folder is written by process 0 only
+    if writes:
+        _write_log(run.file(LOG_FILE), state["history"])
     if val_loader is None:
         log.warning(
             "no validation structures: the training loss picks the best epoch and drives "
@@ -265,7 +291,16 @@ def _train(model, loss_fn, train_data, val_data, options, run_dir, resume, val_s
             raise FloatingPointError(
                 f"epoch {epoch}: the {'training' if val_loader is None else 'validation'} "
                 f"loss is {monitored}; lower the learning rate, or check the targets "
-                f"(the last good weights are in '{run_dir}')"
+                f"(the last good weights are in '{run.path}')"
+            )
+        first = state["history"][0]["train_loss"] if state["history"] else train_loss
+        if train_loss > DIVERGENCE_FACTOR * first:
+            raise FloatingPointError(
+                f"epoch {epoch}: training diverged: the training loss {train_loss:.3g} is over "
+                f"{DIVERGENCE_FACTOR:g} times that of epoch 1 ({first:.3g}); lower "
+                f"train.learning_rate (now {optimizer.param_groups[0]['lr']:g}) and start "
+                "again (the weights of the best epoch so far are in "
+                f"'{run.file(BEST_CHECKPOINT)}')"
             )
         if scheduler is not None:
             scheduler.step(monitored)
@@ -280,38 +315,36 @@ def _train(model, loss_fn, train_data, val_data, options, run_dir, resume, val_s
             "seconds": time.perf_counter() - start,
         }
         improved = _record_epoch(state, record, monitored)
-        _append_log(os.path.join(run_dir, LOG_FILE), record)
         log.info(_progress_line(record, options.epochs, improved))
-
+        if not writes:
+            continue
+        _append_log(run.file(LOG_FILE), record)
         if improved:
-            save_checkpoint(_checkpoint(state, model), os.path.join(run_dir, BEST_CHECKPOINT))
+            save_checkpoint(_checkpoint(state, model), run.file(BEST_CHECKPOINT))
         if epoch % options.checkpoint_every == 0 or epoch == options.epochs or _should_stop(
             state, options
         ):
             checkpoint = _checkpoint(state, model, optimizer, scheduler, generator, options)
             save_checkpoint(checkpoint, last_path)
+    distributed.barrier()  # the checkpoints are complete for every process
     return state["history"]
 
 
 def evaluate(model: torch.nn.Module, loss_fn: LossFunction, loader) -> float:
-    """Loss per structure of ``model`` over all batches of ``loader``."""
+    """Loss per structure of ``model`` over all batches of ``loader`` (of every
+    process's share, under :mod:`rholearn.distributed`)."""
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in loader:
+            if batch is None:  # an empty share of a batch
+                continue
             total += float(loss_fn(model(batch.descriptor), batch))
             count += len(batch.sample_id)
-    return total / count
+    return distributed.all_reduce_sum(total) / distributed.all_reduce_sum(count)
 
 
 # -------------------------------------------------------------- checkpoints ---
-def save_checkpoint(checkpoint: Dict[str, Any], path: str) -> None:
-    """``torch.save`` to a temporary file renamed to ``path``: the file at
-    ``path`` is always a complete checkpoint, even if the process is killed."""
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
-
-
 def load_checkpoint(
     path: str,
     model: torch.nn.Module,
@@ -326,16 +359,30 @@ def load_checkpoint(
     the global random states are restored when ``generator`` is given, as
     :func:`train` does to resume (``checkpoint_last.pt`` only).
 
-    The file is read with ``torch.load(weights_only=True)``: tensors and plain
+    The file is read with :func:`rholearn.run.read_checkpoint`
+    (``torch.load(weights_only=True)``, older formats upgraded): tensors and plain
     data only, nothing in it is executed.
 
     Raises
     ------
     ValueError
         Naming ``path``, if it is truncated, corrupt, not a checkpoint, of
-        another format version, or lacks the optimizer state asked for.
+        a format this rholearn cannot read, or lacks the optimizer state asked for.
     """
-    checkpoint = _read_checkpoint(path)
+    checkpoint = read_checkpoint(path)
+    restore_checkpoint(checkpoint, path, model, optimizer, scheduler, generator)
+    return checkpoint
+
+
+def restore_checkpoint(
+    checkpoint: Dict[str, Any],
+    path: str,
+    model: torch.nn.Module,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    scheduler: Optional[Any] = None,
+    generator: Optional[torch.Generator] = None,
+) -> None:
+    """Restore the states of a checkpoint read from ``path`` (see :func:`load_checkpoint`)."""
     try:
         load_weights(model, checkpoint["model"])
         if optimizer is not None or scheduler is not None or generator is not None:
@@ -352,34 +399,6 @@ def load_checkpoint(
                 _set_random_states(checkpoint["random_states"], generator)
     except (KeyError, RuntimeError, ValueError, TypeError) as error:
         raise ValueError(f"cannot resume from checkpoint '{path}': {error}") from error
-    return checkpoint
-
-
-def _read_checkpoint(path: str) -> Dict[str, Any]:
-    """The checkpoint at ``path`` as plain data; errors name the file and say what to do."""
-    best = os.path.join(os.path.dirname(path), BEST_CHECKPOINT)
-    advice = (
-        "the run cannot be resumed from it: start again in a new run folder (or delete "
-        f"'{path}')"
-        + (f", or use the best weights so far in '{best}'" if path != best else "")
-    )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # torch raises many types for bad files
-        first_line = str(error).strip().split("\n")[0].split(". ")[0]
-        raise ValueError(
-            f"cannot read checkpoint '{path}' (truncated, corrupt, or not a rholearn "
-            f"checkpoint: {type(error).__name__}: {first_line}); {advice}"
-        ) from error
-    version = checkpoint.get("format") if isinstance(checkpoint, dict) else None
-    if version != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"checkpoint '{path}' has format {version!r}, this rholearn reads "
-            f"{CHECKPOINT_FORMAT!r}; {advice}"
-        )
-    return checkpoint
 
 
 def _checkpoint(
@@ -388,7 +407,7 @@ def _checkpoint(
     """The checkpoint of the current state: weights and counters, and with an
     ``optimizer`` everything needed to resume. Tensors and plain data only."""
     checkpoint = {
-        "format": CHECKPOINT_FORMAT,
+        **checkpoint_fields(),
         **{name: state[name] for name in _STATE_KEYS},
         "model": model.state_dict(),
     }
@@ -443,12 +462,14 @@ def _adam_epoch(model, loss_fn, loader, optimizer) -> float:
     total, count = 0.0, 0
     for batch in loader:
         optimizer.zero_grad()
-        loss = loss_fn(model(batch.descriptor), batch)
-        loss.backward()
+        if batch is not None:  # None: this process's share of the batch is empty
+            loss = loss_fn(model(batch.descriptor), batch)
+            loss.backward()
+            total += float(loss.detach())
+            count += len(batch.sample_id)
+        distributed.all_reduce_gradients(list(model.parameters()))
         optimizer.step()
-        total += float(loss.detach())
-        count += len(batch.sample_id)
-    return total / count
+    return distributed.all_reduce_sum(total) / distributed.all_reduce_sum(count)
 
 
 def _lbfgs_epoch(model, loss_fn, loader, optimizer) -> float:
@@ -458,19 +479,34 @@ def _lbfgs_epoch(model, loss_fn, loader, optimizer) -> float:
     evaluation of the line search runs over all of them.
     """
     model.train()
-    batches = list(loader)
-    count = sum(len(batch.sample_id) for batch in batches)
+    batches = [batch for batch in loader if batch is not None]
+    count = distributed.all_reduce_sum(sum(len(batch.sample_id) for batch in batches))
+    first = next(model.parameters())
 
     def closure():
         optimizer.zero_grad()
-        total = 0.0
+        total = torch.zeros((), dtype=first.dtype, device=first.device)
         for batch in batches:  # gradients accumulate over the chunks
             loss = loss_fn(model(batch.descriptor), batch)
             loss.backward()
             total += loss.detach()
-        return total
+        distributed.all_reduce_gradients(list(model.parameters()))
+        return distributed.all_reduce(total)  # the full-batch loss, on every process
 
     return float(optimizer.step(closure)) / count
+
+
+def _sharded_loader(dataset: IndexedDataset, batch_size: int, shuffle: bool = False,
+                    generator: Optional[torch.Generator] = None):
+    """This process's shares of the batches a one-process loader would make
+    (:class:`rholearn.distributed.ShardedBatchSampler`); ``None`` for an empty share."""
+    sampler = distributed.ShardedBatchSampler(len(dataset), batch_size, shuffle, generator)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, generator=generator,
+                                       collate_fn=_collate_share)
+
+
+def _collate_share(items):
+    return collate(items) if items else None
 
 
 def _optimizer(model: torch.nn.Module, options: TrainOptions) -> torch.optim.Optimizer:
@@ -504,19 +540,35 @@ def _record_epoch(state: Dict[str, Any], record: Dict[str, float], monitored: fl
     return improved
 
 
-def _warn_if_options_changed(saved: Dict[str, Any], options: TrainOptions, path: str) -> None:
-    """Resuming with other settings (but more epochs) does not reproduce a run."""
-    changed = {
-        name: (value, getattr(options, name))
+def _check_resumable(saved: Dict[str, Any], options: TrainOptions, path: str) -> None:
+    """Refuse to resume with other options than :data:`RESUMABLE_OPTIONS` (another
+    optimizer or dtype cannot continue the saved state)."""
+    changed = [
+        f"{name}: {value!r} there, {getattr(options, name)!r} now"
         for name, value in saved.items()
-        if name not in ("epochs", "verbose") and value != getattr(options, name)
-    }
+        if name not in RESUMABLE_OPTIONS and value != getattr(options, name, value)
+    ]
     if changed:
-        warnings.warn(
-            f"resuming '{path}' with changed options (saved, now): {changed}; the "
-            "result will differ from an uninterrupted run",
-            stacklevel=3,
+        raise ValueError(
+            f"cannot resume from '{path}' with other options ({'; '.join(changed)}); a "
+            f"resumed run may change only {', '.join(RESUMABLE_OPTIONS)}: resume with its "
+            "options or start a new run"
         )
+
+
+def _apply_learning_rate(saved, options: TrainOptions, optimizer, state, log) -> None:
+    """A resumed run with a new ``learning_rate`` continues with it (the scheduler's
+    reductions so far are dropped), and says so in the log."""
+    if saved.get("learning_rate") == options.learning_rate:
+        return
+    current = optimizer.param_groups[0]["lr"]
+    for group in optimizer.param_groups:
+        group["lr"] = options.learning_rate
+    log.warning(
+        f"learning rate {current:g} -> {options.learning_rate:g} from epoch "
+        f"{state['epoch'] + 1} (train.learning_rate was {saved.get('learning_rate')!r}); the "
+        "result will differ from an uninterrupted run"
+    )
 
 
 def _should_stop(state: Dict[str, Any], options: TrainOptions) -> bool:

@@ -12,6 +12,25 @@ ERROR_UNITS = "%"
 ATOM_PREFIX = "atom_"
 """Row entries starting with this (lists, one value per atom) become atom properties."""
 
+DESCRIPTIONS = {
+    "relative_l2_percent": "the model's L2 error relative to the density's norm, "
+                           "100 sqrt(dc^T S dc / c^T S c), against the fitted (RI) coefficients",
+    "rmse_percent": "the error relative to the spread around the baseline, "
+                    "100 sqrt(dc^T S dc / (c - c_base)^T S (c - c_base))",
+    "l1_vs_ri_percent": "real-space L1 error of the predicted density against the RI "
+                        "(fitted) density, 100 int |rho_ML - rho_RI| / N_electrons",
+    "l1_vs_scf_percent": "real-space L1 error of the predicted density against the SCF "
+                         "density, 100 int |rho_ML - rho_SCF| / N_electrons",
+    "ri_l1_vs_scf_percent": "the basis's own error: real-space L1 error of the RI density "
+                            "against the SCF density, 100 int |rho_RI - rho_SCF| / N_electrons",
+    "atom_error_share_percent": "each atom's share of its structure's squared L2 error "
+                                "dc^T S dc (Loewdin split: |S^(1/2) dc|^2 over the atom's "
+                                "functions); non-negative, summing to 100 % per structure",
+    "index": "index of the structure in the dataset",
+    "name": "atoms.info['name'], else 'index: formula'",
+}
+"""What each property of the map means (shown by chemiscope beside its values)."""
+
 
 def write_chemiscope(
     path: str,
@@ -32,7 +51,7 @@ def write_chemiscope(
     rows : list of dict
         One dict per structure, e.g. ``workflow.evaluate(...)["structures"]``:
         every numeric entry ending in ``_percent`` becomes a structure property
-        (in %), ``index`` and ``formula`` too, and every list-valued entry
+        (in %, described by :data:`DESCRIPTIONS`), ``index`` too, and every list-valued entry
         starting with ``atom_`` (one value per atom, e.g. each atom's share of
         the structure's error) an atom property. Structures are named by
         ``atoms.info["name"]`` where set.
@@ -54,12 +73,14 @@ def write_chemiscope(
     atom_keys = [key for key in rows[0] if key.startswith(ATOM_PREFIX)] if rows else []
     properties: Dict[str, dict] = {
         key: {"target": "structure", "values": [float(row[key]) for row in rows],
-              "units": ERROR_UNITS}
+              "units": ERROR_UNITS, "description": _description(key)}
         for key in errors
     }
-    properties["index"] = {"target": "structure", "values": [int(row["index"]) for row in rows]}
+    properties["index"] = {"target": "structure", "values": [int(row["index"]) for row in rows],
+                           "description": DESCRIPTIONS["index"]}
     properties["name"] = {
         "target": "structure",
+        "description": DESCRIPTIONS["name"],
         "values": [str(atoms.info.get("name", f"{row['index']}: {atoms.get_chemical_formula()}"))
                    for atoms, row in zip(frames, rows)],
     }
@@ -74,6 +95,7 @@ def write_chemiscope(
             "target": "atom",
             "values": np.concatenate([np.asarray(row[key], dtype=float) for row in rows]),
             "units": ERROR_UNITS if key.endswith("_percent") else "",
+            "description": _description(key),
         }
     axes = (errors + ["index"])[:2] if errors else ["index", "index"]
     settings: Dict[str, object] = {
@@ -90,3 +112,8 @@ def write_chemiscope(
         environments=chemiscope.all_atomic_environments(list(frames)) if atom_keys else None,
         settings=settings,
     )
+
+
+def _description(key: str) -> str:
+    """The description of a row entry: :data:`DESCRIPTIONS`, else its name in words."""
+    return DESCRIPTIONS.get(key, key.replace("_percent", " (%)").replace("_", " "))

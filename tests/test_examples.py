@@ -49,3 +49,7 @@ def test_tutorial_notebook_runs_headless_and_stores_its_outputs(tmp_path):
         for output in cell.outputs
     )
     assert "largest deviation" in text and "rmse_percent" in text and "parity.png" in text
+    shown = [kind for cell in notebook.cells if cell.cell_type == "code"
+             for output in cell.outputs for kind in output.get("data", {})]
+    assert "image/png" in shown  # the parity plot, inline
+    assert any("widget" in kind or kind == "text/html" for kind in shown)  # the chemiscope map

@@ -164,10 +164,18 @@ def test_ctrl_c_leaves_a_usable_model_and_says_how_to_resume(tmp_path):
     while n_epochs_logged(run_dir) < 3:
         assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
         time.sleep(0.01)
+    # a second process on the same run folder is refused while the first trains
+    second = subprocess.run(command("rholearn", "train", dataset, "--run", run_dir, *long,
+                                    "--resume"), capture_output=True, text=True, timeout=300,
+                            env=ENVIRONMENT)
+    assert second.returncode == 2, second.stderr
+    assert f"another process is using the run folder '{run_dir}'" in second.stderr
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == 130, stderr
-    assert "--resume" in stdout and "interrupted" in stderr
+    assert f"rholearn train {run_dir}/options.yaml --resume" in stdout and "interrupted" in stderr
+    epochs = [int(row["epoch"]) for row in log_rows(run_dir)]
+    assert epochs == list(range(1, len(epochs) + 1))  # one writer: no epoch twice
     model = DensityModel.load(os.path.join(run_dir, "model.pt"))  # the best weights so far
     prediction = model.predict(distorted_waters(1, seed=9))
     assert all(torch.isfinite(block.values).all() for block in prediction.blocks())

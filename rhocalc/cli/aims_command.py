@@ -14,7 +14,7 @@ import os
 import sys
 
 from rholearn.dataset import exclusive_lock
-from rholearn.options import add_options_arguments, options_from_arguments
+from rholearn.options import HelpFormatter, add_options_arguments, options_from_arguments
 from rhocalc import aims
 
 from . import batch_command
@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
         "instead: submit them, rerun this command to prepare the next step, and run "
         "`rhocalc aims-parse DIR` when all have finished. Structures may carry "
         "info['charge'] (0 by default). See docs/aims.md.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     batch_command.add_dataset_arguments(parser)
     add_options_arguments(parser, OPTIONS)
@@ -64,9 +64,7 @@ def add_parser(subparsers) -> None:
         "have not finished are listed as failed; rerun after more runs finish.",
     )
     parse.add_argument("out", metavar="DIR", help="dataset folder of `rhocalc aims`")
-    parse.add_argument("--workers", type=batch_command.positive_int, default=1, metavar="N",
-                       help="parallel worker processes")
-    parse.add_argument("--quiet", action="store_true", help="no progress bar")
+    batch_command.add_execution_arguments(parse)
     parse.set_defaults(handler=run_parse)
 
 

@@ -7,8 +7,13 @@ Usage::
 """
 
 from .basis import basis_set
+from .guess import ModelGuess, density_guess
 from .options import PySCFOptions
+from .properties import dipole_moment, electrostatic_potential
 from .scf import SCFNotConverged, run_scf
 from .targets import compute_targets
 
-__all__ = ["PySCFOptions", "SCFNotConverged", "basis_set", "compute_targets", "run_scf"]
+__all__ = [
+    "ModelGuess", "PySCFOptions", "SCFNotConverged", "basis_set", "compute_targets",
+    "density_guess", "dipole_moment", "electrostatic_potential", "run_scf",
+]

@@ -19,9 +19,11 @@ from rholearn.basis import BasisSet
 
 from . import realspace
 from .fit import function_integrals
+from .guess import check_functional, density_guess
 from .molecule import aux_molecule
 from .options import PySCFOptions
 from .order import vector_to_canonical
+from .properties import DEBYE, dipole_moment
 from .scf import run_scf
 
 RECOGNISED_OPTIONS = ("xc", "basis", "auxbasis")
@@ -33,6 +35,7 @@ class PySCFBackend(Backend):
     (:mod:`rhocalc.pyscf.realspace`)."""
 
     name = "pyscf"
+    grid_levels = realspace.GRID_LEVELS
 
     def handles_basis(self, basis: BasisSet) -> bool:
         """Every radial function is a Gaussian contraction (has exponents)."""
@@ -68,8 +71,31 @@ class PySCFBackend(Backend):
     ) -> float:
         return realspace.real_space_l1_percent(density_a, density_b, weights, n_electrons)
 
+    def density_properties(
+        self, atoms: ase.Atoms, coefficients: TensorMap, basis: BasisSet,
+        options: Dict[str, object],
+    ) -> Dict[str, object]:
+        """:func:`rhocalc.pyscf.guess.density_guess` (energies ``None`` for a
+        functional it refuses: Hartree-Fock, hybrids, meta-GGAs) and
+        :func:`rhocalc.pyscf.properties.dipole_moment`."""
+        options = PySCFOptions(**options)
+        energies = {"energy_one_shot_hartree": None, "energy_harris_hartree": None}
+        try:
+            check_functional(options.xc, "")
+        except ValueError:
+            pass
+        else:
+            guess = density_guess(atoms, coefficients, basis, options)
+            energies = {
+                "energy_one_shot_hartree": guess.energy_one_shot,
+                "energy_harris_hartree": guess.energy_harris,
+            }
+        dipole = dipole_moment(atoms, coefficients, basis, options) * DEBYE
+        return {**energies, "dipole_debye": dipole.tolist()}
+
     def write_cube(
         self, path: str, atoms: ase.Atoms, coefficients: TensorMap, basis: BasisSet,
-        spacing: float,
-    ) -> None:
-        realspace.write_cube(path, atoms, coefficients, basis, spacing=spacing)
+        spacing: float, progress: bool = False,
+    ) -> float:
+        return realspace.write_cube(path, atoms, coefficients, basis, spacing=spacing,
+                                    progress=progress)

@@ -86,6 +86,26 @@ def density_projections(
     return projections
 
 
+def coulomb_matrix(molecule: gto.Mole, aux: gto.Mole, coefficients: np.ndarray) -> np.ndarray:
+    """``J_ij = sum_P (ij|P) c_P``: the Coulomb potential of an expanded density in
+    the orbital basis, shape (molecule.nao, molecule.nao), Hartree.
+
+    The transpose of :func:`density_projections` (``int3c2e``, in the same blocks);
+    ``coefficients`` in PySCF order, of a density in electrons/Bohr^3.
+    """
+    packed = np.zeros(molecule.nao * (molecule.nao + 1) // 2)
+    for first_shell, last_shell, start, stop in _aux_shell_blocks(aux, packed.size):
+        integrals = df.incore.aux_e2(
+            molecule,
+            aux,
+            intor="int3c2e",
+            aosym="s2ij",
+            shls_slice=(0, molecule.nbas, 0, molecule.nbas, first_shell, last_shell),
+        )
+        packed += integrals @ coefficients[start:stop]
+    return lib.unpack_tril(packed)
+
+
 def function_integrals(aux: gto.Mole) -> np.ndarray:
     """``q_P``, the integral over space of each basis function, shape (aux.nao,).
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Tuple
 
 import ase
 import numpy as np
@@ -11,14 +12,9 @@ from pyscf import gto
 from pyscf.lib.exceptions import BasisNotFoundError
 
 from rholearn.basis import BasisSet
+from rholearn.dataset import check_positions
 
 from .basis import pyscf_basis
-
-MIN_DISTANCE = 0.3
-"""Angstrom: atoms closer than this are refused as overlapping. The shortest
-chemical bond (H2) is 0.74 Angstrom; strongly distorted training structures may
-come closer, but nuclei nearer than this make the orbital basis nearly linearly
-dependent (PySCF then fails with a singular matrix) and are a unit or input error."""
 
 
 def check_structure(atoms: ase.Atoms, where: str = "structure") -> None:
@@ -27,9 +23,11 @@ def check_structure(atoms: ase.Atoms, where: str = "structure") -> None:
     Raises
     ------
     ValueError
-        Naming ``where`` and the cause: periodic; two atoms closer than
-        :data:`MIN_DISTANCE` (naming both, with their distance); or an electron
-        count whose parity does not match ``atoms.info["spin"]``.
+        Naming ``where`` and the cause: periodic; positions that no calculation
+        can use (:func:`rholearn.dataset.check_positions`: non-finite, or atoms
+        closer than :data:`~rholearn.dataset.MIN_DISTANCE`); a charge or spin that
+        is not an integer; no electrons; or an electron count whose parity does
+        not match ``atoms.info["spin"]``.
     """
     if atoms.pbc.any():
         raise ValueError(
@@ -37,25 +35,40 @@ def check_structure(atoms: ase.Atoms, where: str = "structure") -> None:
             "computes isolated molecules only: set atoms.pbc = False, or use the "
             "FHI-aims backend for periodic systems"
         )
-    if len(atoms) > 1:
-        distances = np.linalg.norm(atoms.positions[:, None] - atoms.positions[None], axis=-1)
-        distances[np.diag_indices(len(atoms))] = np.inf
-        i, j = np.unravel_index(np.argmin(distances), distances.shape)
-        if distances[i, j] < MIN_DISTANCE:
-            symbols = atoms.get_chemical_symbols()
-            raise ValueError(
-                f"{where}: atoms {min(i, j)} ({symbols[min(i, j)]}) and {max(i, j)} "
-                f"({symbols[max(i, j)]}) are {distances[i, j]:.3f} Angstrom apart, closer "
-                f"than {MIN_DISTANCE} Angstrom: overlapping atoms (positions in Angstrom?)"
-            )
-    charge, spin = int(atoms.info.get("charge", 0)), int(atoms.info.get("spin", 0))
+    check_positions(atoms, where)
+    charge, spin = charge_and_spin(atoms, where)
     n_electrons = int(atoms.numbers.sum()) - charge  # ECP cores hold even counts
+    if n_electrons <= 0:
+        raise ValueError(
+            f"{where}: {n_electrons} electrons ({int(atoms.numbers.sum())} protons, charge "
+            f"{charge}): nothing to compute; check atoms.info['charge']"
+        )
     if (n_electrons - spin) % 2:
         raise ValueError(
             f"{where}: {n_electrons} electrons (charge {charge}) cannot have spin {spin} "
             "(the number of unpaired electrons, 2S): set atoms.info['spin'] (1 for a "
             "doublet) or atoms.info['charge']"
         )
+
+
+def charge_and_spin(atoms: ase.Atoms, where: str = "structure") -> Tuple[int, int]:
+    """``atoms.info["charge"]`` and ``atoms.info["spin"]`` (unpaired electrons,
+    ``2S``), 0 by default; a value that is not an integer (``0.5``, ``"1"``, NaN) is
+    refused with a ``ValueError`` naming ``where``: PySCF computes integer charges
+    only, and truncating would compute another molecule."""
+    values = []
+    for name in ("charge", "spin"):
+        value = atoms.info.get(name, 0)
+        number = value.item() if isinstance(value, np.generic) else value
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not (
+            math.isfinite(number) and float(number).is_integer()
+        ):
+            raise ValueError(
+                f"{where}: atoms.info['{name}'] = {number!r} is not an integer; the PySCF "
+                f"backend computes integer {name}s only"
+            )
+        values.append(int(number))
+    return values[0], values[1]
 
 
 def ecp_of(basis: str, elements: Iterable[str]) -> Dict[str, str]:
@@ -85,8 +98,7 @@ def ao_molecule(atoms: ase.Atoms, basis: str, where: str = "structure") -> gto.M
     molecule = _molecule(atoms)
     molecule.basis = basis
     molecule.ecp = ecp_of(basis, atoms.get_chemical_symbols())
-    molecule.charge = int(atoms.info.get("charge", 0))
-    molecule.spin = int(atoms.info.get("spin", 0))
+    molecule.charge, molecule.spin = charge_and_spin(atoms, where)
     try:
         with warnings.catch_warnings():  # suggestion to install basis-set-exchange
             warnings.simplefilter("ignore")

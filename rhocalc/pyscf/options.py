@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Optional
+from typing import Optional, Sequence, Tuple, Union
 
 from ase.data import chemical_symbols
 
@@ -12,6 +12,8 @@ from pyscf import dft, gto
 from pyscf.lib.exceptions import BasisNotFoundError
 
 from rholearn.layout import OVERLAP_THRESHOLD
+from rholearn.options import to_dict as options_to_dict
+from rholearn.tensors import RANKS
 
 METRICS = ("coulomb", "overlap")
 
@@ -48,6 +50,12 @@ class PySCFOptions:
         PySCF integration-grid level (0-9) of the fit diagnostics.
     scf_density_fit : bool
         Run the SCF itself with density fitting (``mf.density_fit``) in ``auxbasis``.
+    properties : str or tuple of str
+        Molecular tensors to write besides the density, by default none: ``dipole``,
+        ``polarizability`` or both, comma-separated (``dipole,polarizability``) or a list;
+        files ``dipole.mts``, ``polarizability.mts`` in atomic units
+        (:mod:`rhocalc.pyscf.tensors`). Stored as a tuple in the order of
+        :data:`rholearn.tensors.RANKS`.
     """
 
     xc: str = "PBE"
@@ -60,8 +68,10 @@ class PySCFOptions:
     overlap_threshold: float = OVERLAP_THRESHOLD
     grid_level: int = 3
     scf_density_fit: bool = False
+    properties: Union[str, Tuple[str, ...]] = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "properties", _property_names(self.properties))
         if self.metric not in METRICS:
             raise ValueError(f"PySCFOptions.metric must be one of {METRICS}, got {self.metric!r}")
         if not self.is_hartree_fock:
@@ -89,8 +99,8 @@ class PySCFOptions:
         return self.xc.upper() == "HF"
 
     def to_dict(self) -> dict:
-        """The options as a JSON-serialisable dict."""
-        return dataclasses.asdict(self)
+        """The options as a JSON-serialisable dict (as it reads back: tuples as lists)."""
+        return options_to_dict(self)
 
     @property
     def ecp(self) -> Optional[str]:
@@ -110,7 +120,22 @@ class PySCFOptions:
         settings = self.to_dict()
         for name in ("conv_tol", "max_cycle", "grid_level"):
             del settings[name]
+        if not self.properties:  # recorded when asked for: datasets made before it match
+            del settings["properties"]
         return {"backend": "pyscf", **settings, "ecp": self.ecp}
+
+
+def _property_names(properties: Union[str, Sequence[str]]) -> Tuple[str, ...]:
+    """``"dipole,polarizability"`` or a sequence of names, checked, as a tuple in the
+    order of :data:`~rholearn.tensors.RANKS`."""
+    if isinstance(properties, str):
+        properties = [name.strip() for name in properties.split(",") if name.strip()]
+    unknown = sorted(set(properties) - set(RANKS))
+    if unknown:
+        raise ValueError(
+            f"PySCFOptions.properties: unknown {unknown}; known: {', '.join(RANKS)}"
+        )
+    return tuple(name for name in RANKS if name in properties)
 
 
 def _check_library_basis(option: str, name: str) -> None:

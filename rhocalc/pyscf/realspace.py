@@ -25,11 +25,10 @@ import numpy as np
 from metatensor import TensorMap
 from pyscf import dft
 from pyscf.data.nist import BOHR
-from pyscf.tools.cubegen import Cube
 
-from rholearn import layout
+from rholearn import cube, layout
 from rholearn.basis import BasisSet
-from rholearn.files import atomic_path
+from rholearn.cube import CUBE_MARGIN, cube_grid
 from . import order
 from .molecule import atoms_molecule, aux_molecule
 from .scf import total_density_matrix
@@ -63,11 +62,19 @@ def density_at_points(
     numpy.ndarray, shape (n_points,)
         The density in electrons/Bohr^3.
     """
+    return _density_function(coefficients, atoms, basis)(points)
+
+
+def _density_function(
+    coefficients: Union[TensorMap, np.ndarray], atoms: ase.Atoms, basis: BasisSet
+) -> Callable[[np.ndarray], np.ndarray]:
+    """``points (Angstrom) -> density`` of :func:`density_at_points`, with the
+    molecule and coefficients prepared once."""
     if not isinstance(coefficients, np.ndarray):
         coefficients = layout.tensormap_to_vector(coefficients, atoms.numbers, basis)
     aux = aux_molecule(atoms, basis)
     pyscf_coefficients = order.vector_to_pyscf(coefficients, aux)
-    return _in_chunks(
+    return lambda points: in_chunks(
         points, aux.nao, lambda bohr: aux.eval_gto("GTOval_sph", bohr) @ pyscf_coefficients
     )
 
@@ -89,13 +96,17 @@ def scf_density_at_points(scf, points: np.ndarray) -> np.ndarray:
     """
     molecule = scf.mol
     density_matrix = total_density_matrix(scf)
-    return _in_chunks(
+    return in_chunks(
         points,
         molecule.nao,
         lambda bohr: dft.numint.eval_rho(
             molecule, molecule.eval_gto("GTOval_sph", bohr), density_matrix
         ),
     )
+
+
+GRID_LEVELS = range(10)
+"""PySCF's grid levels, 0 (coarse) to 9 (fine)."""
 
 
 def integration_grid(atoms: ase.Atoms, level: int = 3) -> Tuple[np.ndarray, np.ndarray]:
@@ -109,7 +120,8 @@ def integration_grid(atoms: ase.Atoms, level: int = 3) -> Tuple[np.ndarray, np.n
     atoms : ase.Atoms
         Positions in Angstrom.
     level : int
-        PySCF grid level, 0 (coarse) to 9 (fine).
+        PySCF grid level, 0 (coarse) to 9 (fine); another is refused
+        (``ValueError``).
 
     Returns
     -------
@@ -118,6 +130,10 @@ def integration_grid(atoms: ase.Atoms, level: int = 3) -> Tuple[np.ndarray, np.n
     weights : numpy.ndarray, shape (n_points,)
         In Angstrom^3.
     """
+    if isinstance(level, bool) or not isinstance(level, (int, np.integer)) \
+            or level not in GRID_LEVELS:
+        raise ValueError(f"grid level {level!r} is not one of PySCF's levels "
+                         f"{GRID_LEVELS.start} (coarse) to {GRID_LEVELS.stop - 1} (fine)")
     grid = dft.gen_grid.Grids(atoms_molecule(atoms))
     grid.level = level
     grid.prune = None
@@ -166,27 +182,47 @@ def write_cube(
     coefficients: Union[TensorMap, np.ndarray],
     basis: BasisSet,
     spacing: float = 0.2,
-    margin: float = 3.0,
-) -> None:
-    """Write an expanded density as a Gaussian cube file, atomically.
+    margin: float = CUBE_MARGIN,
+    progress: bool = False,
+) -> float:
+    """Write an expanded density as a Gaussian cube file, atomically; returns the
+    electrons on the cube (the density summed times the cell volume).
 
     The box encloses the atoms plus ``margin`` on every side; the grid spacing
-    is about ``spacing`` (the ``ceil(extent / spacing)`` points of each axis
-    include both box edges). Both in Angstrom; inside the file, as the format
-    requires, lengths are in Bohr and the density in electrons/Bohr^3.
+    is about ``spacing`` (:func:`rholearn.cube.cube_grid`). Both in Angstrom;
+    inside the file, as the format requires, lengths are in Bohr and the density
+    in electrons/Bohr^3. Written one slab at a time (``progress``: a progress bar),
+    so memory does not grow with the cube.
 
     Parameters are those of :func:`density_at_points`, with ``path`` the file.
     """
-    aux = aux_molecule(atoms, basis)
-    cube = Cube(aux, resolution=spacing / BOHR, margin=margin / BOHR)
-    points = cube.get_coords() * BOHR
-    density = density_at_points(coefficients, atoms, basis, points)
-    with atomic_path(path) as tmp:
-        cube.write(
-            density.reshape(cube.nx, cube.ny, cube.nz),
-            tmp,
-            comment=f"{atoms.get_chemical_formula()} density (electrons/Bohr^3), basis {basis.name}",
-        )
+    return write_function_cube(
+        path,
+        atoms,
+        _density_function(coefficients, atoms, basis),
+        f"{atoms.get_chemical_formula()} density (electrons/Bohr^3), basis {basis.name}",
+        spacing,
+        margin,
+        progress,
+    )
+
+
+def write_function_cube(
+    path: str,
+    atoms: ase.Atoms,
+    function: Callable[[np.ndarray], np.ndarray],
+    comment: str,
+    spacing: float = 0.2,
+    margin: float = CUBE_MARGIN,
+    progress: bool = False,
+) -> float:
+    """Write ``function(points)`` (points in Angstrom, shape (n, 3); values as
+    the cube should hold them) on the box of :func:`write_cube`, atomically
+    (:func:`rholearn.cube.write_cube`); returns the values summed times the cell
+    volume in Bohr^3. A spacing that is not > 0, or a cube above
+    :data:`rholearn.cube.MAX_CUBE_POINTS` points, is refused (``ValueError``)."""
+    grid = cube_grid(atoms, spacing, margin, where=atoms.get_chemical_formula())
+    return cube.write_cube(path, atoms, grid, function, comment, progress)
 
 
 def read_cube(path: str) -> Tuple[np.ndarray, ase.Atoms]:
@@ -195,7 +231,7 @@ def read_cube(path: str) -> Tuple[np.ndarray, ase.Atoms]:
     return ase.io.cube.read_cube_data(path)
 
 
-def _in_chunks(
+def in_chunks(
     points: np.ndarray, n_functions: int, evaluate: Callable[[np.ndarray], np.ndarray]
 ) -> np.ndarray:
     """Apply ``evaluate`` (taking Bohr coordinates) to chunks of points (Angstrom),

@@ -6,7 +6,7 @@ from typing import Optional
 
 import ase
 import numpy as np
-from pyscf import dft, scf
+from pyscf import dft, gto, scf
 
 from rholearn.dataset import structure_name
 
@@ -19,7 +19,10 @@ class SCFNotConverged(RuntimeError):
 
 
 def run_scf(
-    atoms: ase.Atoms, options: PySCFOptions = PySCFOptions(), name: Optional[str] = None
+    atoms: ase.Atoms,
+    options: PySCFOptions = PySCFOptions(),
+    name: Optional[str] = None,
+    dm0: Optional[np.ndarray] = None,
 ) -> scf.hf.SCF:
     """Run a converged Hartree-Fock or Kohn-Sham calculation.
 
@@ -35,6 +38,10 @@ def run_scf(
     options : PySCFOptions
     name : str, optional
         Named in errors; defaults to the chemical formula.
+    dm0 : numpy.ndarray, optional
+        Initial AO density matrix, shape (nao, nao) (restricted) or (2, nao, nao)
+        (unrestricted), e.g. from :func:`rhocalc.pyscf.guess.density_guess`;
+        default PySCF's own initial guess (``mf.init_guess``, ``"minao"``).
 
     Returns
     -------
@@ -54,10 +61,8 @@ def run_scf(
     """
     where = structure_name(atoms, name)
     molecule = ao_molecule(atoms, options.basis, where)
-    mean_field = _mean_field(molecule, options)
-    mean_field.conv_tol = options.conv_tol
-    mean_field.max_cycle = options.max_cycle
-    mean_field.kernel()
+    mean_field = make_mean_field(molecule, options)
+    mean_field.kernel(dm0=dm0)
     if not mean_field.converged:
         raise SCFNotConverged(
             f"{where}: {options.xc}/{options.basis} SCF not converged after "
@@ -73,7 +78,9 @@ def total_density_matrix(mean_field: scf.hf.SCF) -> np.ndarray:
     return density_matrix.sum(axis=0) if density_matrix.ndim == 3 else density_matrix
 
 
-def _mean_field(molecule, options: PySCFOptions) -> scf.hf.SCF:
+def make_mean_field(molecule: gto.Mole, options: PySCFOptions) -> scf.hf.SCF:
+    """The (not yet run) mean-field object of ``options`` for a built molecule:
+    RHF/RKS for ``molecule.spin == 0``, else UHF/UKS, with the convergence controls."""
     restricted = molecule.spin == 0
     if options.is_hartree_fock:
         mean_field = scf.RHF(molecule) if restricted else scf.UHF(molecule)
@@ -82,4 +89,6 @@ def _mean_field(molecule, options: PySCFOptions) -> scf.hf.SCF:
         mean_field.xc = options.xc
     if options.scf_density_fit:
         mean_field = mean_field.density_fit(auxbasis=options.auxbasis)
+    mean_field.conv_tol = options.conv_tol
+    mean_field.max_cycle = options.max_cycle
     return mean_field

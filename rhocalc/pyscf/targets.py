@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Callable, Optional, Tuple
 
 import ase
 import numpy as np
@@ -19,14 +19,21 @@ from .molecule import aux_molecule
 from .options import PySCFOptions
 from .overlap import pair_overlap
 from .scf import run_scf, total_density_matrix
+from .tensors import UNITS as TENSOR_UNITS
+from .tensors import tensor_targets
+
+Guess = Callable[[ase.Atoms, PySCFOptions, str], Tuple[np.ndarray, dict]]
+"""``guess(atoms, options, name) -> (initial density matrix, entries of info)``."""
 
 UNITS = {
     "positions": "Angstrom",
     "energy_hartree": "Hartree",
+    "dipole_debye": "Debye",
     "density": "electrons/Bohr^3",
     "coefficients": "dimensionless, of a density in electrons/Bohr^3 on normalised functions",
     "overlap": "Bohr^3 integrals of products of normalised functions (dimensionless)",
     "timings": "seconds",
+    **TENSOR_UNITS,
 }
 
 
@@ -35,6 +42,7 @@ def compute_targets(
     options: PySCFOptions = PySCFOptions(),
     system: int = 0,
     name: Optional[str] = None,
+    guess: Optional[Guess] = None,
 ) -> Targets:
     """Run the SCF of a structure and fit its density onto the auxiliary basis.
 
@@ -49,6 +57,10 @@ def compute_targets(
         Value of the ``system`` sample of every TensorMap.
     name : str, optional
         Names the structure in errors and ``info``; defaults to its formula.
+    guess : callable, optional
+        ``guess(atoms, options, name) -> (dm0, info)``: the SCF's initial density
+        matrix and entries for ``info`` (e.g. :class:`rhocalc.pyscf.guess.ModelGuess`,
+        a model's prediction); default PySCF's own guess.
 
     Returns
     -------
@@ -58,7 +70,12 @@ def compute_targets(
         (always the overlap, whatever the fit metric), in the canonical
         layout, and ``info``:
 
-        - ``energy_hartree``, ``converged``, ``n_scf_cycles``: the SCF;
+        - ``energy_hartree``, ``converged``, ``n_scf_cycles``, ``dipole_debye``
+          (``mf.dip_moment()``, origin at the coordinates' origin): the SCF;
+        - ``scf_guess``: PySCF's guess (``"minao"``) or the ``guess``'s record,
+          which for :class:`~rhocalc.pyscf.guess.ModelGuess` adds
+          ``predict_seconds``, ``guess_seconds`` and the one-shot energy
+          (``None`` without a guess: the default guess is part of ``scf_seconds``);
         - ``n_electrons``: electrons of the SCF (explicit ones, with ECPs);
         - ``ecp``: ``{element: basis}`` of the effective core potentials used (the
           orbital basis's own, e.g. def2 beyond Kr), and ``n_core_electrons`` they
@@ -75,6 +92,11 @@ def compute_targets(
         also ``name``, ``formula``, ``system``, ``charge``, ``spin``,
         ``n_aux_functions``, ``options`` and ``units``.
 
+        With ``options.properties``, the molecular tensors of the SCF
+        (:func:`rhocalc.pyscf.tensors.tensor_targets`): ``properties`` holds them as
+        spherical TensorMaps (atomic units), ``info`` their Cartesian values
+        (``dipole_au``, ``polarizability_au``) and ``tensors_seconds``.
+
     Raises
     ------
     KeyError
@@ -86,9 +108,15 @@ def compute_targets(
     where = structure_name(atoms, name)
     basis = basis_set(options.auxbasis, atoms.get_chemical_symbols(), where=where)
 
+    guess_info = {"predict_seconds": None, "guess_seconds": None}
+    dm0 = None
+    if guess is not None:
+        dm0, record = guess(atoms, options, where)
+        guess_info.update(record)
     start = time.perf_counter()
-    scf = run_scf(atoms, options, name)
+    scf = run_scf(atoms, options, name, dm0=dm0)
     scf_seconds = time.perf_counter() - start
+    guess_info.setdefault("scf_guess", scf.init_guess)
 
     start = time.perf_counter()
     aux = aux_molecule(atoms, basis)
@@ -106,6 +134,10 @@ def compute_targets(
     diagnostics = fit_diagnostics(scf, coefficients, atoms, basis, options.grid_level)
     diagnostics_seconds = time.perf_counter() - start
 
+    properties, properties_info = {}, {}
+    if options.properties:
+        properties, properties_info = tensor_targets(scf, options.properties, system)
+
     numbers = atoms.numbers
     info = {
         "name": where,
@@ -116,6 +148,8 @@ def compute_targets(
         "energy_hartree": float(scf.e_tot),
         "converged": bool(scf.converged),
         "n_scf_cycles": int(scf.cycles),
+        "dipole_debye": scf.dip_moment(unit="Debye", verbose=0).tolist(),
+        **guess_info,
         "n_electrons": int(scf.mol.nelectron),
         "ecp": dict(scf.mol.ecp),  # {symbol: basis} of the elements with an ECP
         "n_core_electrons": int(sum(scf.mol.atom_nelec_core(i) for i in range(scf.mol.natm))),
@@ -125,6 +159,7 @@ def compute_targets(
         "scf_seconds": scf_seconds,
         "fit_seconds": fit_seconds,
         "diagnostics_seconds": diagnostics_seconds,
+        **properties_info,
         "options": options.to_dict(),
         "units": UNITS,
     }
@@ -133,6 +168,7 @@ def compute_targets(
         projections=layout.vector_to_tensormap(projections, numbers, basis, system),
         overlap=overlap,
         info=info,
+        properties=properties,
     )
 
 

@@ -8,13 +8,17 @@ Two calculators with the same interface and output layout
   coupled by one dense Clebsch-Gordan product built at construction;
 - :class:`LambdaSoap` (``"stock"``): featomic's ``EquivariantPowerSpectrum``,
   kept as reference.
+
+The contracted one takes its spherical expansion from featomic or computes the same
+in pure torch on the model's device (option ``expansion``,
+:mod:`rholearn.descriptors.expansion`).
 """
 
 from typing import Optional, Sequence
 
 import torch
 
-from .base import CACHE_SETTINGS_FILE, DEFAULT_HYPERS, Descriptor, Key, select_system
+from .base import CACHE_SETTINGS_FILE, DEFAULT_HYPERS, Descriptor, Key, check_hypers, select_system
 from .contracted import DEFAULT_CHANNELS, ContractedLambdaSoap
 from .stock import LambdaSoap
 
@@ -44,6 +48,7 @@ __all__ = [
     "DESCRIPTORS",
     "ContractedLambdaSoap",
     "Descriptor",
+    "check_hypers",
     "LambdaSoap",
     "make_descriptor",
     "select_system",

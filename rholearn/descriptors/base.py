@@ -21,19 +21,26 @@ in Angstrom too.
 from __future__ import annotations
 
 import copy
+import glob
+import hashlib
 import json
+import math
 import os
+import re
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import ase
 import ase.data
 import metatensor.torch as mts
+import numpy as np
 import torch
+from featomic.torch import SphericalExpansion
 from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import System, systems_to_torch
 
 from .. import layout
 from ..files import differing_keys, recorded_json
+from ..options import OptionsError
 
 DEFAULT_HYPERS = {
     "cutoff": {"radius": 4.0, "smoothing": {"type": "ShiftedCosine", "width": 0.5}},
@@ -52,6 +59,49 @@ from 0). The stock Clebsch-Gordan product costs roughly
 ``(max_angular + 1)^3 (max_radial + 1)^2 n_types^2`` per atom; the contracted one
 ``(max_angular + 1)^3 n_channels^2``.
 """
+
+def check_hypers(hypers: dict, where: str = "hypers") -> None:
+    """Refuse, before any work, hypers that featomic's ``SphericalExpansion`` would
+    not take (or would hang or abort on: a zero cutoff, a zero Gaussian width).
+
+    Raises
+    ------
+    OptionsError
+        Naming the option (``where.cutoff.radius``); for what featomic itself
+        refuses (an unknown ``type``, a negative ``max_angular``), the option whose
+        value featomic's message quotes (else ``where``), and that message.
+    """
+    unknown = sorted(set(hypers) - {"cutoff", "density", "basis"})
+    if unknown:
+        raise OptionsError(f"unknown option '{where}.{unknown[0]}': featomic's "
+                           "SphericalExpansion takes cutoff, density and basis")
+    for path in (("cutoff", "radius"), ("density", "width")):
+        value = hypers.get(path[0], {}).get(path[1]) if isinstance(hypers.get(path[0]), dict) \
+            else None
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value) or value <= 0):
+            raise OptionsError(f"option '{where}.{'.'.join(path)}' must be a length > 0 "
+                               f"(Angstrom), got {value!r}")
+    try:
+        SphericalExpansion(**hypers)
+    except Exception as error:  # featomic raises RuntimeError or ValueError
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        named = re.search(r"`([^`]*)`|\"([^\"]*)\"|got (\S+)$", message)  # a value, if any
+        paths = [path for path, value in _leaves(hypers, where)
+                 if named and str(value) in named.groups()]
+        culprit = paths[0] if len(paths) == 1 else where
+        raise OptionsError(f"option '{culprit}': featomic's SphericalExpansion refuses these "
+                           f"hypers: {message}") from None
+
+
+def _leaves(tree: dict, where: str):
+    """``(dotted path, value)`` of every non-mapping value of nested mappings."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{where}.{key}")
+        else:
+            yield f"{where}.{key}", value
+
 
 CACHE_SETTINGS_FILE = "descriptor.json"
 """File in a descriptor cache folder recording the settings its files were made with."""
@@ -207,20 +257,28 @@ class Descriptor:
         system_ids: Sequence[int],
         cache_dir: str,
     ) -> TensorMap:
-        """Like :meth:`compute`, reading and writing ``cache_dir/<system_id>.mts``.
+        """Like :meth:`compute`, reading and writing ``cache_dir/<system_id>-<hash>.mts``.
 
-        Structures without a cache file are computed together and each saved
-        atomically; the folder records :meth:`settings` in ``descriptor.json`` (for
-        a fitted descriptor these include a hash of its fitted state) and a folder
-        made with other settings raises a ``ValueError``.
+        The file name holds :func:`structure_hash` of the structure, so a structure
+        whose atoms moved (or changed) is computed again, never read from an older
+        file (which is then removed). Structures without a cache file are computed
+        together and each saved atomically; the folder records :meth:`settings` in
+        ``descriptor.json`` (for a fitted descriptor these include a hash of its
+        fitted state) and a folder made with other settings raises a ``ValueError``.
         """
         system_ids = check_system_ids(frames, system_ids)
         self._claim_cache(cache_dir)
-        paths = [os.path.join(cache_dir, f"{i}.mts") for i in system_ids]
+        paths = [
+            os.path.join(cache_dir, f"{i}-{structure_hash(atoms)}.mts")
+            for i, atoms in zip(system_ids, frames)
+        ]
         missing = [k for k, path in enumerate(paths) if not os.path.exists(path)]
         if missing:
             fresh = self.compute([frames[k] for k in missing], [system_ids[k] for k in missing])
             for k in missing:
+                pattern = os.path.join(glob.escape(cache_dir), f"{system_ids[k]}-*.mts")
+                for older in glob.glob(pattern):  # of the structure before it changed
+                    os.remove(older)
                 layout.save(paths[k], select_system(fresh, system_ids[k]))
         tensors = [self._load(path) for path in paths]
         return mts.join(tensors, axis="samples", different_keys="union")
@@ -243,6 +301,18 @@ class Descriptor:
         except Exception as error:  # metatensor raises its own error types
             raise ValueError(f"cannot read descriptor file '{path}': {error}") from error
         return tensor.to(dtype=self.dtype, device=self.device)
+
+
+def structure_hash(atoms: ase.Atoms) -> str:
+    """16 hex digits identifying a structure's atomic numbers, positions, cell and
+    periodicity (exact values: any change gives another hash)."""
+    digest = hashlib.sha256()
+    for array, dtype in ((atoms.numbers, np.int64), (atoms.positions, np.float64),
+                         (atoms.cell.array, np.float64), (atoms.pbc, np.bool_)):
+        values = np.ascontiguousarray(array, dtype=dtype)
+        digest.update(str(values.shape).encode())
+        digest.update(values.tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _check_target_keys(target_keys: List[Key], atom_types: List[int], max_lambda: int):

@@ -1,7 +1,8 @@
 """Contracted lambda-SOAP: a few channels per l, then one dense Clebsch-Gordan product.
 
-:class:`ContractedLambdaSoap` starts from featomic's
-:class:`~featomic.torch.SphericalExpansion` like the stock path, but
+:class:`ContractedLambdaSoap` starts from featomic's spherical expansion like the
+stock path (computed by featomic, or by the same in pure torch on the model's
+device: :mod:`rholearn.descriptors.expansion`), but
 
 1. maps, for each centre type ``Z`` and angular channel ``l``, the
    ``n_types x n_radial`` (neighbour type, radial) channels of the density to
@@ -45,13 +46,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import ase
 import torch
 from featomic.clebsch_gordan import calculate_cg_coefficients
-from featomic.torch import SphericalExpansion
 from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatensor.torch.learn.nn import Module
 from metatomic.torch import System, systems_to_torch
 
 from .. import layout
 from .base import Descriptor, Key
+from .expansion import make_expansion, resolve
 from .stock import check_system_types
 
 DEFAULT_CHANNELS = 12
@@ -73,6 +74,12 @@ class ContractedLambdaSoap(Descriptor):
         Contracted channels per (centre type, l), at most
         ``len(atom_types) * (max_radial + 1)`` (larger values are capped).
         ``None`` switches the contraction off (identity: the stock features).
+    expansion : {"auto", "featomic", "torch"}
+        Who computes the spherical expansion: featomic's compiled calculator (on the
+        CPU), or the same values in pure torch on the descriptor's device (needed on
+        CUDA, and for a model exported without featomic; Gaussian density and GTO
+        basis only). ``"auto"``: torch on CUDA, featomic elsewhere. The values agree
+        to about 1e-13, so the choice is not part of :meth:`settings`.
 
     Notes
     -----
@@ -91,8 +98,11 @@ class ContractedLambdaSoap(Descriptor):
         dtype: torch.dtype = torch.float64,
         device: Optional[torch.device] = None,
         n_channels: Optional[int] = DEFAULT_CHANNELS,
+        expansion: str = "auto",
     ):
         super().__init__(hypers, atom_types, target_keys, dtype, device)
+        self.expansion = expansion
+        self.expansion_kind = resolve(expansion, self.device)
         basis = self.hypers["basis"]
         if basis.get("type") != "TensorProduct":
             raise ValueError(
@@ -109,7 +119,7 @@ class ContractedLambdaSoap(Descriptor):
         # float64 master copy: saved, hashed, and cast into the module
         self._contraction = self._initial_contraction()
         self.module = ContractedLambdaSoapModule(
-            SphericalExpansion(**self.hypers),
+            make_expansion(self.expansion_kind, self.hypers, self.atom_types, dtype),
             self.atom_types,
             self.max_angular,
             self.n_radial,
@@ -119,7 +129,7 @@ class ContractedLambdaSoap(Descriptor):
         ).to(self.device)
 
     def options(self) -> dict:
-        return {"n_channels": self.n_channels}
+        return {"n_channels": self.n_channels, "expansion": self.expansion}
 
     def settings(self) -> dict:
         """Plain-data settings, including a hash of the fitted contraction."""
@@ -162,8 +172,11 @@ class ContractedLambdaSoap(Descriptor):
             len(self.atom_types), self.max_angular + 1, n_inputs, n_inputs, dtype=torch.float64
         )
         identity = _identity(len(self.atom_types), self.max_angular, n_inputs)
+        expansion = make_expansion(
+            resolve(self.expansion, torch.device("cpu")), self.hypers, self.atom_types, torch.float64
+        )
         module = ContractedLambdaSoapModule(
-            SphericalExpansion(**self.hypers), self.atom_types, self.max_angular,
+            expansion, self.atom_types, self.max_angular,
             self.n_radial, self.target_keys, identity, torch.float64,
         )
         counts = torch.zeros(len(self.atom_types), dtype=torch.long)
@@ -227,7 +240,9 @@ class ContractedLambdaSoapModule(Module):
 
     Parameters
     ----------
-    expansion : featomic.torch.SphericalExpansion
+    expansion : torch.nn.Module
+        ``List[System] -> rho``, the dense expansion of
+        :mod:`rholearn.descriptors.expansion`.
     atom_types : list of int
         Sorted atomic numbers; the t-th one is channel block ``t`` of the density.
     max_angular : int
@@ -246,7 +261,7 @@ class ContractedLambdaSoapModule(Module):
 
     def __init__(
         self,
-        expansion: SphericalExpansion,
+        expansion: torch.nn.Module,
         atom_types: List[int],
         max_angular: int,
         n_radial: int,
@@ -270,7 +285,6 @@ class ContractedLambdaSoapModule(Module):
         type_index = torch.full((max(atom_types) + 1,), -1, dtype=torch.long)
         type_index[torch.tensor(atom_types)] = torch.arange(len(atom_types))
         self.register_buffer("type_index", type_index)
-        self.type_lookup: List[int] = type_index.tolist()
         self.register_buffer(
             "angular_of_m",
             torch.repeat_interleave(
@@ -364,41 +378,23 @@ class ContractedLambdaSoapModule(Module):
         type_index = torch.where(known, self.type_index[types.clamp(0, self.type_index.shape[0] - 1)], -1)
         if bool((type_index < 0).any()):
             check_system_types(systems, self.atom_types)  # raises, naming the system
-        expansion = self.expansion(systems)
+        density = self.expansion(systems)  # [atom, (l m), (neighbour type, n)]
         sizes = torch.tensor([len(system) for system in systems], device=device)
         first_atom = torch.cumsum(sizes, 0) - sizes
         order = torch.argsort(type_index * n_atoms + torch.arange(n_atoms, device=device))
-        row_of_atom = torch.empty_like(order)
-        row_of_atom[order] = torch.arange(n_atoms, device=device)
+        density = density[order]
+        type_index = type_index[order]
 
-        # blocks grouped by (centre type, neighbour type): they share samples, and
-        # all their l are contracted by one batched matmul over (l, m)
-        n_types = len(self.atom_types)
-        groups: Dict[int, List[int]] = {}
-        keys: List[List[int]] = expansion.keys.values.to(torch.long).tolist()
-        for index, key in enumerate(keys):
-            group = self.type_lookup[key[2]] * n_types + self.type_lookup[key[3]]
-            if group in groups:
-                groups[group].append(index)
-            else:
-                groups[group] = [index]
-        all_blocks = expansion.blocks()
+        # contracted per centre type, all (l, m) in one batched matmul
         per_m = self.contraction[:, self.angular_of_m]  # [types, (l m), inputs, width]
-        rows: List[torch.Tensor] = []
+        counts: List[int] = torch.bincount(type_index, minlength=len(self.atom_types)).tolist()
         parts: List[torch.Tensor] = []
-        for group, indices in groups.items():
-            if len(indices) != self.max_angular + 1:
-                raise ValueError("the spherical expansion lacks some o3_lambda blocks")
-            t, a = group // n_types, group % n_types
-            blocks = [all_blocks[index] for index in indices]
-            samples = blocks[0].samples.values.to(torch.long)
-            values = torch.cat([block.values for block in blocks], dim=1)  # [s, (l m), n]
-            contraction = per_m[t, :, a * self.n_radial : (a + 1) * self.n_radial]
-            parts.append(torch.bmm(values.transpose(0, 1), contraction).transpose(0, 1))
-            rows.append(row_of_atom[first_atom[samples[:, 0]] + samples[:, 1]])
-        n_m = (self.max_angular + 1) * (self.max_angular + 1)
-        zeros = torch.zeros(n_atoms, n_m, self.width, dtype=self.contraction.dtype, device=device)
-        density = zeros.index_add(0, torch.cat(rows), torch.cat(parts))
+        start = 0
+        for t, count in enumerate(counts):
+            rows = density[start : start + count].transpose(0, 1)  # [(l m), atom, inputs]
+            parts.append(torch.bmm(rows, per_m[t]).transpose(0, 1))
+            start += count
+        density = torch.cat(parts)
         system_atom = torch.stack(
             [
                 torch.repeat_interleave(torch.arange(len(systems), device=device), sizes),
@@ -407,7 +403,7 @@ class ContractedLambdaSoapModule(Module):
             ],
             dim=1,
         )
-        return density, type_index[order], system_atom[order].to(torch.int32)
+        return density, type_index, system_atom[order].to(torch.int32)
 
     def forward(self, systems: List[System]) -> TensorMap:
         density, type_index, system_atom = self.density(systems)

@@ -36,6 +36,9 @@ class Baseline(Module):
         device: Optional[torch.device] = None,
     ):
         super().__init__()
+        # metatensor-learn moves the means to this helper's dtype on every .to():
+        # created in the default dtype (float32), it would round them
+        self._mts_helper = torch.zeros(0, dtype=dtype, device=device)
         self.center_types: List[int] = sorted(int(z) for z in means)
         blocks = [
             TensorBlock(

@@ -34,11 +34,13 @@ from .weights import load_weights
 NETS = {"linear": LinearModel, "nonlinear": NonlinearModel, "kernel": KernelModel}
 """Network kinds by name, as stored in saved models."""
 
-FILE_FORMAT = "rholearn.DensityModel/2"
-"""Format of saved models; ``/2`` added the descriptor kind, options and state."""
+FILE_FORMAT = "rholearn.DensityModel/3"
+"""Format of saved models; ``/2`` added the descriptor kind, options and state; ``/3``:
+a kernel model stores only the references it uses (an older rholearn would misread it)."""
 
-OLD_FILE_FORMATS = {"rholearn.DensityModel/1": "stock"}
-"""Older formats still read, with the descriptor they were written with."""
+OLD_FILE_FORMATS = {"rholearn.DensityModel/1": "stock", "rholearn.DensityModel/2": "contracted"}
+"""Older formats still read, with the descriptor they were written with where the file
+does not record it (``/2`` files do; their padded kernel references load as they are)."""
 
 PREDICT_CHUNK = 256
 """Atoms per features + network step of a prediction with the contracted descriptor."""
@@ -164,7 +166,7 @@ class DensityModel(torch.nn.Module):
         """
         ids = check_system_ids(frames, system_ids)
         for system_id, atoms in zip(ids, frames):
-            self._check_elements(atoms, f"structure {system_id}")
+            self.check_elements(atoms, f"structure {system_id}")
         with torch.no_grad():
             coefficients = self._pipeline()(self.descriptor.systems(frames))
         return renumber_systems(coefficients, ids)
@@ -216,7 +218,9 @@ class DensityModel(torch.nn.Module):
                     f"basis '{self.basis.name}' has {expected[key]}"
                 )
 
-    def _check_elements(self, atoms: ase.Atoms, where: str) -> None:
+    def check_elements(self, atoms: ase.Atoms, where: str) -> None:
+        """Raise a ``ValueError`` naming ``where`` if ``atoms`` has an element the
+        model was not trained on."""
         try:
             self.basis.check_elements(atoms.get_chemical_symbols(), where)
         except KeyError as error:

@@ -22,10 +22,13 @@ For a target block ``(lambda, sigma, Z)`` and an atom ``i`` of element ``Z``:
    radial channels (:class:`~rholearn.models.LinearModel`, bias on invariant
    blocks only) is the sparse GPR mean.
 
-Buffers have fixed shapes (``M`` references, ``M (2 lambda + 1)`` features per
-block, zero-padded when the training set has fewer atoms or the kernel a lower
-rank), so that ``state_dict`` save/load works; ``n_active`` records how many
-leading features of each block are nonzero.
+Each block stores the references actually chosen (fewer than ``M`` when the
+training set has fewer atoms of that element) and the ``n_active`` columns of
+``K_MM^{-1/2}`` that are kept, so a saved model holds what it uses; loading a
+state resizes these buffers to the stored ones (files that stored ``M`` padded
+references load too). The features keep the fixed width ``M (2 lambda + 1)``,
+zero beyond ``n_active``, so the linear head has the same shape before and
+after fitting.
 """
 
 from __future__ import annotations
@@ -62,33 +65,50 @@ def _normalised(values: torch.Tensor) -> torch.Tensor:
 
 
 class _BlockKernel(torch.nn.Module):
-    """References and projection of one ``(lambda, sigma, Z)`` block."""
+    """References and projection of one ``(lambda, sigma, Z)`` block.
+
+    Buffers (empty before fitting): ``references`` ``(R, 2 lambda + 1, F)``,
+    ``reference_invariants`` ``(R, F0)`` and ``projection`` ``(R (2 lambda + 1),
+    n_active)`` for the ``R <= M`` references used; ``n_active`` features.
+    """
 
     def __init__(self, o3_lambda: int, n_references: int, n_features: int,
                  n_invariant: int, dtype: torch.dtype):
         super().__init__()
         width = 2 * o3_lambda + 1
-        self.register_buffer("references", torch.zeros(n_references, width, n_features, dtype=dtype))
-        self.register_buffer("reference_invariants", torch.zeros(n_references, n_invariant, dtype=dtype))
-        size = n_references * width
-        self.register_buffer("projection", torch.zeros(size, size, dtype=dtype))
+        self.out_width = n_references * width
+        self.register_buffer("references", torch.zeros(0, width, n_features, dtype=dtype))
+        self.register_buffer("reference_invariants", torch.zeros(0, n_invariant, dtype=dtype))
+        self.register_buffer("projection", torch.zeros(0, 0, dtype=dtype))
         self.register_buffer("n_active", torch.zeros((), dtype=torch.int64))
 
     def forward(self, values: torch.Tensor, invariants: torch.Tensor, zeta: float) -> torch.Tensor:
         """Features ``(atoms, 2 lambda + 1, M (2 lambda + 1))`` of descriptor rows
         ``values`` ``(atoms, 2 lambda + 1, F)`` with invariants ``(atoms, F0)``."""
-        k0 = _normalised(invariants) @ self.reference_invariants.T  # (atoms, M)
+        k0 = _normalised(invariants) @ self.reference_invariants.T  # (atoms, R)
         atoms, width, n_features = values.shape
-        references = self.references.reshape(-1, n_features)
-        kernel = (_normalised(values).reshape(-1, n_features) @ references.T).reshape(
-            atoms, width, -1, width
-        )  # (atoms, 2 lambda + 1, M, 2 lambda + 1)
+        n_references = self.references.shape[0]
+        references = self.references.reshape(n_references * width, n_features)
+        kernel = (_normalised(values).reshape(atoms * width, n_features) @ references.T).reshape(
+            atoms, width, n_references, width
+        )  # (atoms, 2 lambda + 1, R, 2 lambda + 1)
         if zeta != 1.0:
             kernel = kernel * k0.clamp(min=0.0).pow(zeta - 1.0)[:, None, :, None]
-        n_active = int(self.n_active)  # columns beyond are zero: skip their products
-        features = kernel.new_zeros(atoms, width, self.projection.shape[1])
-        features[:, :, :n_active] = kernel.reshape(atoms, width, -1) @ self.projection[:, :n_active]
+        n_active = int(self.n_active)  # features beyond are zero
+        features = kernel.new_zeros(atoms, width, self.out_width)
+        features[:, :, :n_active] = (
+            kernel.reshape(atoms, width, n_references * width) @ self.projection[:, :n_active]
+        )
         return features
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """Take the stored number of references and active features (buffer shapes)."""
+        for name in ("references", "reference_invariants", "projection"):
+            stored = state_dict.get(prefix + name)
+            if stored is not None and stored.shape != getattr(self, name).shape:
+                current = getattr(self, name)
+                setattr(self, name, current.new_zeros(stored.shape))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class KernelFeatures(torch.nn.Module):
@@ -208,11 +228,8 @@ class KernelFeatures(torch.nn.Module):
                 selected[z] = farthest_point_sampling(x0.cpu(), self.n_references).to(x0.device)
             rows = selected[z]
             references = _normalised(block.values)[rows]
-            module.references.zero_()
-            module.reference_invariants.zero_()
-            module.projection.zero_()
-            module.references[: len(rows)] = references
-            module.reference_invariants[: len(rows)] = x0[rows]
+            module.references = references.contiguous()
+            module.reference_invariants = x0[rows].contiguous()
             k0 = x0[rows] @ x0[rows].T
             kernel = torch.einsum("aif,bjf->aibj", references, references)
             if self.zeta != 1.0:
@@ -222,7 +239,7 @@ class KernelFeatures(torch.nn.Module):
             keep = eigenvalues > self.eigen_cutoff * eigenvalues.max().clamp(min=1e-300)
             keep = keep.flip(0)  # largest first
             eigenvalues, eigenvectors = eigenvalues.flip(0)[keep], eigenvectors.flip(1)[:, keep]
-            module.projection[:size, : len(eigenvalues)] = eigenvectors / eigenvalues.sqrt()
+            module.projection = (eigenvectors / eigenvalues.sqrt()).contiguous()
             module.n_active.fill_(len(eigenvalues))
             active[key] = len(eigenvalues)
         return active

@@ -11,29 +11,20 @@ Typical use, after ``rhocalc pyscf structures.xyz --out dataset``::
 
     from rholearn import workflow
     result = workflow.fit("dataset", "run", workflow.FitOptions(n_train=80, n_val=10))
+    # run/: options.yaml, split.json, model.pt, train.log, ... (rholearn.run)
     errors = workflow.evaluate(result.model, "dataset", result.split["test"])
     workflow.predict(result.model, new_frames, "predictions")
 """
 
-from .evaluation import PARITY_PLOT, evaluate
-from .fitting import (
-    DESCRIPTOR_CACHE,
-    FIT_FILE,
-    LOSS_TARGETS,
-    LOSSES,
-    MODEL_FILE,
-    SOLVE_FILE,
-    SOLVERS,
-    SPLIT_FILE,
-    SUBSETS,
-    FitOptions,
-    FitResult,
-    fit,
-)
+from ..run import DESCRIPTOR_CACHE, MODEL_FILE, OPTIONS_FILE, PARITY_PLOT, SOLVE_FILE, SPLIT_FILE
+from .evaluation import evaluate
+from .fitters import FITTERS, LOSS_TARGETS, LOSSES, DirectFit, GradientFit
+from .fitting import SOLVERS, SUBSETS, FitOptions, FitResult, fit
 from .prediction import (
     CUBE_FILE,
     CUBE_TOLERANCE,
     PREDICTION_INFO_FILE,
+    PREDICTION_MARKER,
     CubeResolutionWarning,
     earlier_predictions,
     predict,
@@ -41,8 +32,9 @@ from .prediction import (
 )
 
 __all__ = [
-    "CUBE_FILE", "CUBE_TOLERANCE", "CubeResolutionWarning", "DESCRIPTOR_CACHE", "FIT_FILE",
-    "FitOptions", "FitResult", "LOSSES", "LOSS_TARGETS", "MODEL_FILE", "PARITY_PLOT",
-    "PREDICTION_INFO_FILE", "SOLVERS", "SOLVE_FILE", "SPLIT_FILE", "SUBSETS",
+    "CUBE_FILE", "CUBE_TOLERANCE", "CubeResolutionWarning", "DESCRIPTOR_CACHE", "DirectFit",
+    "FITTERS", "FitOptions", "FitResult", "GradientFit", "LOSSES", "LOSS_TARGETS", "MODEL_FILE",
+    "OPTIONS_FILE", "PARITY_PLOT", "PREDICTION_INFO_FILE", "PREDICTION_MARKER", "SOLVERS",
+    "SOLVE_FILE", "SPLIT_FILE", "SUBSETS",
     "earlier_predictions", "evaluate", "fit", "predict", "predict_in_batches",
 ]

@@ -19,11 +19,9 @@ from ..metrics import atom_error_shares, error_summary, overlap_norms
 from ..overlap import align_samples
 from ..plots import plot_parity
 from ..models import DensityModel
+from ..run import PARITY_PLOT
 
 from .prediction import predict_in_batches
-
-PARITY_PLOT = "parity.png"
-"""The parity plot :func:`evaluate` writes with ``out``."""
 
 
 def evaluate(
@@ -49,8 +47,16 @@ def evaluate(
       (``l1_vs_scf_percent``, the SCF is rerun with the options stored in
       the structure's ``info.json``), and the basis's own error
       ``ri_l1_vs_scf_percent``, so the model's error can be told from the basis's;
+    - with ``real_space``, where the backend computes them (PySCF, LDA/GGA) and
+      the structure's ``info.json`` records the reference: the errors of the
+      predicted density's one-shot energy (after one Kohn-Sham diagonalisation in
+      its potential) and Harris-Foulkes energy against the converged SCF energy
+      (``energy_one_shot_error_hartree``, ``energy_harris_error_hartree``) and of
+      its dipole, ``|mu_ML - mu_SCF|`` (``dipole_error_debye``);
+      :meth:`rholearn.backends.Backend.density_properties`; summarised as means
+      of absolute values;
     - ``atom_error_share_percent``: each atom's share of its structure's
-      ``dc^T S dc`` (:func:`rholearn.metrics.atom_error_shares`).
+      ``dc^T S dc``, non-negative and summing to 100 % (:func:`rholearn.metrics.atom_error_shares`).
 
     With ``out``, the predicted coefficients are written to
     ``out/<index>/coefficients.mts`` and a parity plot of predicted against
@@ -82,6 +88,10 @@ def evaluate(
         )
     }
     backend = dataset_backend(folder.root, folder.basis) if real_space else None
+    levels = None if backend is None else backend.grid_levels
+    if levels is not None and grid_level not in levels:
+        raise ValueError(f"grid level {grid_level} is not one of the {backend.name} backend's "
+                         f"levels, {levels.start} (coarse) to {levels.stop - 1} (fine)")
     rows, norms = [], []
     parity: Dict[str, List[TensorMap]] = {"predicted": [], "reference": []}
     seconds = {"predict": 0.0, "real_space": 0.0}
@@ -94,11 +104,11 @@ def evaluate(
         model.check_targets(reference, where=f"structure {index}")
         overlap = files["overlap"](index)
         norms.append(overlap_norms(prediction, reference, overlap, model.baseline.means))
-        shares = atom_error_shares(prediction, reference, overlap)
+        shares = atom_error_shares(prediction, reference, overlap, atoms.numbers, folder.basis)
         row = {
             "index": index,
             "formula": atoms.get_chemical_formula(),
-            "atom_error_share_percent": [shares[(index, atom)] for atom in range(len(atoms))],
+            "atom_error_share_percent": shares.tolist(),
         }
         if out is not None:
             _write_evaluated(out, index, prediction, reference, parity)
@@ -120,6 +130,10 @@ def evaluate(
     for name in ("l1_vs_ri_percent", "l1_vs_scf_percent", "ri_l1_vs_scf_percent"):
         if rows and name in rows[0]:
             aggregate[name] = sum(row[name] for row in rows) / len(rows)
+    for name in PROPERTY_ERRORS:
+        values = [abs(row[name]) for row in rows if name in row]
+        if values:
+            aggregate[name] = sum(values) / len(values)
     seconds["predict_per_structure"] = seconds["predict"] / max(len(rows), 1)
     if out is not None:
         plot_parity(parity["predicted"], parity["reference"], os.path.join(out, PARITY_PLOT))
@@ -154,6 +168,26 @@ def _real_space_errors(
         "l1_vs_ri_percent": l1(rho_ml, rho_ri, weights, n_electrons),
         "l1_vs_scf_percent": l1(rho_ml, rho_scf, weights, n_electrons),
         "ri_l1_vs_scf_percent": l1(rho_ri, rho_scf, weights, n_electrons),
+        **_property_errors(backend, atoms, prediction, folder.basis, info),
     }
+
+
+PROPERTY_ERRORS = ("energy_one_shot_error_hartree", "energy_harris_error_hartree",
+                   "dipole_error_debye")
+"""The property errors of :func:`evaluate`, where the backend computes them."""
+
+
+def _property_errors(backend, atoms, prediction, basis, info) -> Dict[str, float]:
+    """Energy (Hartree) and dipole (Debye) errors of the predicted density against
+    the SCF values recorded in ``info`` (a structure's ``info.json``)."""
+    predicted = backend.density_properties(atoms, prediction, basis, info["options"])
+    errors = {}
+    for name in ("energy_one_shot", "energy_harris"):
+        if predicted.get(f"{name}_hartree") is not None and "energy_hartree" in info:
+            errors[f"{name}_error_hartree"] = predicted[f"{name}_hartree"] - info["energy_hartree"]
+    if "dipole_debye" in predicted and "dipole_debye" in info:
+        difference = [a - b for a, b in zip(predicted["dipole_debye"], info["dipole_debye"])]
+        errors["dipole_error_debye"] = sum(x * x for x in difference) ** 0.5
+    return errors
 
 

@@ -1,11 +1,11 @@
-"""Training a model on a dataset: split, baseline, descriptors, direct solve or gradient
-training, and a run folder that resumes and records everything (:func:`fit`)."""
+"""Training a model on a dataset: split, baseline, descriptors, then one of the fitters
+(:mod:`~rholearn.workflow.fitters`: direct solve or gradient training) into a run folder
+(:mod:`rholearn.run`) that resumes and records everything (:func:`fit`)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import time
 from typing import Dict, List, Optional, Sequence, Union
@@ -15,57 +15,42 @@ import metatensor.torch as mts
 import tqdm
 from metatensor.torch import TensorMap
 
-from .. import __version__, layout
-from ..descriptors import DEFAULT_HYPERS, DESCRIPTORS
-from ..data import StructureDescriptors, TargetFile, make_dataloader, make_dataset, split_indices
+from .. import __version__, distributed, layout
+from ..descriptors import DEFAULT_HYPERS, DESCRIPTORS, check_hypers
+from ..data import (
+    SPLIT_SUBSETS, StructureDescriptors, TargetFile, check_split, check_trained_elements,
+    make_dataset, split_indices,
+)
 from ..dataset import read_dataset
-from ..files import differing_keys, recorded_json, remove_stale_files, write_json
-from ..loss import CoefficientLoss, OverlapLoss, ProjectionLoss
-from ..metrics import subtract_baseline
-from ..overlap import SparseOverlap
+from ..files import error_line
 from ..models import Baseline, DensityModel
 from ..models.density_model import DEFAULT_DESCRIPTOR, NETS
-from ..options import keyword_options, merge, read_yaml
-from ..solve import SolveOptions, solve_linear
-from ..runlog import run_log
-from ..train import BEST_CHECKPOINT, LAST_CHECKPOINT, TrainOptions, load_checkpoint, train
+from ..options import keyword_options, merge, read_yaml, to_dict
+from ..run import SPLIT_FILE, RunFolder, new_run_path
+from ..solve import SolveOptions, linear_parts
+from ..train import RESUMABLE_OPTIONS, TrainOptions
+from .fitters import FITTERS, LOSSES
 
-LOSSES = {"coefficient": CoefficientLoss, "overlap": OverlapLoss, "projection": ProjectionLoss}
-"""Loss functions by name (see :mod:`rholearn.loss`)."""
-
-LOSS_TARGETS = {
-    "coefficient": ("coefficients",),
-    "overlap": ("coefficients", "overlap"),
-    "projection": ("projections", "overlap"),
-}
-"""The target files each loss reads."""
-
-MODEL_FILE = "model.pt"
-SPLIT_FILE = "split.json"
-FIT_FILE = "fit.json"
-"""The dataset, model options and split of a run (training options: ``options.json``)."""
-DESCRIPTOR_CACHE = "descriptors"
-SOLVE_FILE = "solve.json"
-"""The direct solve's record: chosen regularisation, validation curve, timings."""
-SOLVERS = ("direct", "gradient")
-SUBSETS = ("train", "val", "test")
+SOLVERS = tuple(FITTERS)
+SUBSETS = SPLIT_SUBSETS
 
 
 @dataclasses.dataclass
 class FitOptions:
-    """What to train, on which structures (written to ``run_dir/fit.json``).
+    """What to train, on which structures (recorded in ``RUN/options.yaml``).
 
     Parameters
     ----------
     model : {"kernel", "linear", "nonlinear"}
-        See :class:`rholearn.models.DensityModel`. Default ``"kernel"``, the
-        sparse equivariant kernel model, the most accurate per training
-        structure (README, "Accuracy and speed").
+        Network on the descriptor: the sparse equivariant kernel model (the
+        default, the most accurate per training structure: README, "Accuracy and
+        speed"), a linear or a nonlinear one (:class:`rholearn.models.DensityModel`).
     solver : {"direct", "gradient"}
         ``"direct"`` (default; kernel and linear models): the regularised
         overlap-loss optimum from the normal equations
         (:func:`rholearn.solve.solve_linear`, options ``solve``), the
-        regularisation chosen on the validation structures; ``"gradient"``:
+        regularisation chosen on the validation structures, or by
+        cross-validation over the training structures without them; ``"gradient"``:
         :func:`rholearn.train.train` with ``train`` (any model and loss).
     loss : {"overlap", "projection", "coefficient"}
         ``"overlap"``: the real-space L2 error ``dc^T S dc``; ``"projection"``:
@@ -93,7 +78,8 @@ class FitOptions:
     model_options : dict
         Passed to the network (kernel: ``n_references``, ``zeta``, ``eigen_cutoff``,
         ``seed``; nonlinear: ``hidden_sizes``, ``width``, ``seed``); completed with
-        the network's defaults, and a key it does not take is refused.
+        the network's defaults. A key it does not take is refused, unless it holds
+        another model's default (left by switching ``model`` in a written-out file).
     train : TrainOptions
         Optimiser, epochs, device, ... (``solver="gradient"``; the direct solve
         uses its dtype and device).
@@ -122,12 +108,16 @@ class FitOptions:
         if self.descriptor not in DESCRIPTORS:
             raise ValueError(f"descriptor must be one of {sorted(DESCRIPTORS)}, got '{self.descriptor}'")
         self.hypers = merge(DEFAULT_HYPERS, self.hypers or {})
+        check_hypers(self.hypers)
         self.descriptor_options = keyword_options(
             DESCRIPTORS[self.descriptor], self.descriptor_options or {}, "descriptor_options",
             exclude=("dtype", "device", "target_keys"),
+            others=[d for name, d in DESCRIPTORS.items() if name != self.descriptor],
         )
-        self.model_options = keyword_options(NETS[self.model], self.model_options or {},
-                                             "model_options")
+        self.model_options = keyword_options(  # a switched model's defaults are dropped
+            NETS[self.model], self.model_options or {}, "model_options",
+            others=[net for name, net in NETS.items() if name != self.model],
+        )
         for name in ("n_train", "n_val", "n_test"):
             size = getattr(self, name)
             if isinstance(size, float) and not 0.0 <= size <= 1.0:
@@ -162,38 +152,76 @@ class FitResult:
 
 def fit(
     dataset: str,
-    run_dir: str,
+    run_dir: Optional[str] = None,
     options: FitOptions = FitOptions(),
     resume: bool = False,
     split: Optional[Dict[str, Sequence[int]]] = None,
+    overwrite: bool = False,
 ) -> FitResult:
     """Train a :class:`DensityModel` on a target dataset written by rhocalc.
 
-    Splits the completed structures, fits the invariant baseline on the
-    training targets, computes lambda-SOAP descriptors once (cached in
-    ``run_dir/descriptors``), trains, and writes ``run_dir/model.pt`` with the
-    weights of the best validation epoch. ``resume=True`` continues an
-    interrupted run in the same ``run_dir`` exactly where it stopped.
+    Splits the completed structures, claims the run folder (:meth:`RunFolder.claim
+    <rholearn.run.RunFolder.claim>`: refused, before any work, if another process
+    uses it, if it is inside the dataset, or if it holds a run that is neither
+    resumed nor overwritten), records ``split.json`` and the expanded options in
+    ``options.yaml``, fits the invariant baseline on the training targets, computes
+    lambda-SOAP descriptors once (cached in ``run_dir/descriptors``), fits
+    (:data:`~rholearn.workflow.fitters.FITTERS`), and writes ``run_dir/model.pt``.
 
-    ``split`` (structure indices under ``"train"``, ``"val"`` and ``"test"``;
-    a missing subset is empty) replaces the random split of ``options``, e.g.
-    to train on nested subsets and test on one fixed set.
+    Launched by ``torchrun`` or ``srun`` among several processes
+    (:mod:`rholearn.distributed`), the processes share the structures: each computes
+    the descriptors of its share and fits on it, the sums over structures are
+    all-reduced, process 0 claims and writes the run folder, and every process
+    returns the same model.
+
+    Parameters
+    ----------
+    dataset : str
+        Dataset folder written by rhocalc.
+    run_dir : str, optional
+        The run folder; default a new ``runs/<date>/<time>``.
+    options : FitOptions
+    resume : bool
+        Continue the run in ``run_dir`` exactly where it stopped (gradient
+        training), or solve it again (direct); the options may differ only in
+        ``train.`` :data:`~rholearn.train.RESUMABLE_OPTIONS`.
+    split : dict, optional
+        Structure indices under ``"train"``, ``"val"`` and ``"test"`` (a missing
+        subset is empty); replaces the random split of ``options``, e.g. to train
+        on nested subsets and test on one fixed set. ``options.yaml`` then names
+        the run's ``split.json`` as ``split_file``.
+    overwrite : bool
+        Remove the run in ``run_dir`` (its own files only) and start again.
     """
+    distributed.initialise(options.train.device)
     folder = read_dataset(dataset)
-    if split is None and options.split_file is not None:
-        split = _explicit_split(read_yaml(options.split_file))  # YAML reads JSON too
-    if split is None:
-        split = dict(zip(SUBSETS, _split(folder.indices, options)))
+    run = RunFolder(distributed.broadcast_object(run_dir or new_run_path()))
+    if split is not None:
+        split = check_split(split, "split", folder)
+        options = dataclasses.replace(options, split_file=None)
+        options.split_file = run.file(SPLIT_FILE)  # written by the claim, before options.yaml
+    elif options.split_file is not None:
+        split = check_split(read_yaml(options.split_file), options.split_file, folder)  # or JSON
     else:
-        split = _explicit_split(split)
+        split = dict(zip(SUBSETS, _split(folder.indices, options)))
     if not split["train"]:
         raise ValueError(f"no training structures: {len(folder.indices)} completed in '{dataset}'")
-    _claim_run_dir(run_dir, dataset, options, split, resume)
-    with run_log(run_dir, console=options.train.verbose) as log:
-        return _fit(folder, run_dir, options, resume, split, log)
+    check_trained_elements(folder, split)
+    expanded = {"dataset": os.path.abspath(dataset), "run": run.path, **to_dict(options)}
+    may_change = [f"train.{name}" for name in RESUMABLE_OPTIONS]
+    replaced = run.existing_files() if overwrite else []
+    with distributed.on_main(run.claim(expanded, split, resume, overwrite, may_change)):
+        with distributed.rank_log(run.path, console=options.train.verbose) as log:
+            if replaced:
+                log.info(f"removed the earlier run in '{run.path}': {', '.join(replaced)}")
+            try:
+                return _fit(folder, run, options, resume, split, log)
+            except Exception as error:  # the log says how the session ended
+                log.error(f"stopped: {error_line(error)}")
+                raise
 
 
-def _fit(folder, run_dir: str, options: FitOptions, resume: bool, split, log) -> FitResult:
+def _fit(folder, run: RunFolder, options: FitOptions, resume: bool, split, log) -> FitResult:
     """:func:`fit` once its split and run folder are settled, logging to ``train.log``."""
     dtype = options.train.torch_dtype
     coefficients = TargetFile(folder.root, layout.COEFFICIENTS_FILE, dtype, torch.device("cpu"))
@@ -203,64 +231,32 @@ def _fit(folder, run_dir: str, options: FitOptions, resume: bool, split, log) ->
         descriptor=options.descriptor, descriptor_options=options.descriptor_options,
         **options.model_options
     )
-    log.info(_banner(folder, options, split, resume))
+    log.info(_banner(folder, run, options, split, resume))
     model.fit_descriptor([folder.frames[i] for i in split["train"]])  # hashed in the cache settings
-    cache = os.path.join(run_dir, DESCRIPTOR_CACHE)
-    _fill_descriptor_cache(model, folder.frames, split["train"] + split["val"], cache)
-    descriptors = StructureDescriptors(model.descriptor, folder.frames, cache)
+    _fill_descriptor_cache(model, folder.frames, split["train"] + split["val"],
+                           run.descriptor_cache)
+    descriptors = StructureDescriptors(model.descriptor, folder.frames, run.descriptor_cache)
     start = time.perf_counter()
     if hasattr(model.net, "fit_references"):  # kernel model: references from the training atoms
         model.net.fit_references(_joined([descriptors(i) for i in split["train"]]))
-    reference_seconds = time.perf_counter() - start
-    direct = options.solver == "direct"
-    targets = ("coefficients", "overlap") if direct else LOSS_TARGETS[options.loss]
+    distributed.broadcast_module(model)  # every process starts from process 0's model
+    fitter = FITTERS[options.solver](options, resume, {"references": time.perf_counter() - start})
     datasets = {
-        name: make_dataset(folder, split[name], descriptors, targets, dtype, options.train.device)
+        name: make_dataset(folder, split[name], descriptors, fitter.targets, dtype,
+                           options.train.device)
         for name in ("train", "val")
     }
     log.info(f"{_n_weights(model)} weights; device {options.train.device}, "
              f"{options.train.dtype}")
-    if direct:
-        if not split["val"]:
-            log.warning("no validation structures: the first regularisation strength is used "
-                        f"({options.solve.grid()[0]:g}) and nothing measures overfitting")
-        record = _solve(model, datasets, split, options, run_dir, resume, reference_seconds)
-        history = record["grid"]
-        log.info(f"direct solve in {record['seconds']['total']:.2f} s: regularisation "
-                 f"{record['regularisation']:g} (record in '{os.path.join(run_dir, SOLVE_FILE)}')")
-        model.save(os.path.join(run_dir, MODEL_FILE))
-        return FitResult(model=model, history=history, split=split, run_dir=run_dir)
-    val_spread = None
-    if split["val"] and options.loss == "overlap":
-        val_spread = _spread(folder, split["val"], model.baseline, dtype)
-    try:
-        history = train(
-            model,
-            LOSSES[options.loss](),
-            datasets["train"],
-            datasets["val"] if split["val"] else None,
-            options.train,
-            run_dir,
-            resume=resume,
-            val_spread=val_spread,
-        )
-    except KeyboardInterrupt:
-        if os.path.exists(os.path.join(run_dir, BEST_CHECKPOINT)):
-            load_checkpoint(os.path.join(run_dir, BEST_CHECKPOINT), model)
-            model.save(os.path.join(run_dir, MODEL_FILE))
-            log.warning(f"'{os.path.join(run_dir, MODEL_FILE)}' holds the best weights so far")
-        raise
-    load_checkpoint(os.path.join(run_dir, BEST_CHECKPOINT), model)
-    model.save(os.path.join(run_dir, MODEL_FILE))
-    log.info(f"model with the weights of the best epoch: {os.path.join(run_dir, MODEL_FILE)}")
-    return FitResult(model=model, history=history, split=split, run_dir=run_dir)
+    record = fitter.fit(model, datasets["train"], datasets["val"] if split["val"] else None, run)
+    return FitResult(model=model, history=record["history"], split=split, run_dir=run.path)
 
 
-def _banner(folder, options: FitOptions, split, resume: bool) -> str:
-    """The first lines of a run's log: what is trained on what."""
+def _banner(folder, run: RunFolder, options: FitOptions, split, resume: bool) -> str:
+    """The first lines of a run's log: what is trained on what, into which folder."""
     sizes = ", ".join(f"{len(split[name])} {name}" for name in SUBSETS)
     return (
-        f"rholearn {__version__} {'resuming' if resume else 'training'}: dataset "
+        f"rholearn {__version__} {'resuming' if resume else 'training'} in '{run.path}': dataset "
         f"'{os.path.abspath(folder.root)}' ({len(folder.indices)} structures, elements "
         f"{' '.join(folder.basis.elements)}, basis '{folder.basis.name}'); split {sizes}; "
         f"{options.model} model on the {options.descriptor} lambda-SOAP, "
@@ -269,20 +265,14 @@ def _banner(folder, options: FitOptions, split, resume: bool) -> str:
 
 
 def _n_weights(model: DensityModel) -> int:
-    return sum(parameter.numel() for parameter in model.net.parameters())
-
-
-def _spread(folder, indices: Sequence[int], baseline: Baseline, dtype) -> float:
-    """``sum (c - c_base)^T S (c - c_base)`` over structures (denominator of the % RMSE)."""
-    files = {
-        name: TargetFile(folder.root, file_name, dtype, torch.device("cpu"))
-        for name, file_name in (("c", layout.COEFFICIENTS_FILE), ("S", layout.OVERLAP_FILE))
-    }
-    total = 0.0
-    for index in indices:
-        centred = subtract_baseline(files["c"](index), baseline.means)
-        total += float(SparseOverlap(files["S"](index), centred).quadratic(centred).sum())
-    return total
+    """The weights a fit determines: for a net linear in them, those on its active
+    features (as ``solve.json`` counts them); otherwise every parameter."""
+    try:
+        _, head, active = linear_parts(model.net)
+    except TypeError:  # the nonlinear model
+        return sum(parameter.numel() for parameter in model.net.parameters())
+    return sum((n + int(m.bias is not None)) * m.out_features
+               for m, n in zip(head.module_map.module_list, active))
 
 
 def _joined(tensors: List[TensorMap]) -> TensorMap:
@@ -290,63 +280,19 @@ def _joined(tensors: List[TensorMap]) -> TensorMap:
     return mts.join(tensors, axis="samples", different_keys="union")
 
 
-def _solve(
-    model, datasets, split, options: FitOptions, run_dir: str, resume: bool, reference_seconds: float
-) -> Dict[str, object]:
-    """Direct solve (:func:`rholearn.solve.solve_linear`); writes ``solve.json``
-    (with ``seconds``: ``references`` for fitting the kernel references,
-    ``total`` for the solve) and returns that record (its ``grid``: one row
-    per regularisation strength)."""
-    path = os.path.join(run_dir, SOLVE_FILE)
-    if os.path.exists(path) and not resume:
-        raise FileExistsError(
-            f"'{run_dir}' already holds a solved model ('{path}'); pass resume=True "
-            "(--resume) to solve it again or choose another run folder"
-        )
-    model.to(device=torch.device(options.train.device), dtype=options.train.torch_dtype)
-    size = options.solve.batch_size
-    loaders = {name: make_dataloader(datasets[name], size) for name in ("train", "val")}
-    start = time.perf_counter()
-    record = solve_linear(model, loaders["train"], loaders["val"] if split["val"] else None,
-                          options.solve)
-    record["seconds"]["total"] = time.perf_counter() - start
-    record["seconds"]["references"] = reference_seconds
-    write_json(path, record)
-    return record
-
-
-def _claim_run_dir(run_dir: str, dataset: str, options: FitOptions, split, resume: bool) -> None:
-    """Write ``fit.json`` and ``split.json``, or check that a run already in
-    ``run_dir`` trained the same model on the same data, so that a resumed run
-    (and its cached descriptors) never mixes two datasets, splits or models."""
-    record = {
-        "dataset": os.path.abspath(dataset),
-        "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "train"},
-        "split": split,
-    }
-    fit_path = os.path.join(run_dir, FIT_FILE)
-    if os.path.exists(os.path.join(run_dir, LAST_CHECKPOINT)) and not resume:
-        raise FileExistsError(
-            f"'{run_dir}' already holds a training run; pass resume=True (--resume) to "
-            "continue it or choose another run folder"
-        )
-    os.makedirs(run_dir, exist_ok=True)
-    remove_stale_files(run_dir, subfolders=True)  # what a killed run left, for either solver
-    differing = differing_keys(recorded_json(fit_path, record), json.loads(json.dumps(record)))
-    if differing:
-        raise ValueError(
-            f"'{run_dir}' holds a run with another {', '.join(differing)} ('{fit_path}'); "
-            "choose another run folder"
-        )
-    write_json(os.path.join(run_dir, SPLIT_FILE), split)
-
-
 def _fill_descriptor_cache(model, frames, indices, cache_dir, batch_size: int = 16) -> None:
     """Compute the descriptors of ``indices`` in batches (one featomic call per
-    batch is much cheaper than one per structure) into the cache folder."""
+    batch is much cheaper than one per structure) into the cache folder; across
+    processes, each its share of the batches (the same batches as in one process: the
+    descriptors are bit for bit the same), process 0 first (it records the cache's settings)."""
     batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
-    for batch in tqdm.tqdm(batches, desc="lambda-SOAP", unit="batch", disable=not batches):
-        model.descriptor.compute_cached([frames[i] for i in batch], batch, cache_dir)
+    batches = distributed.shard(batches)
+    for turn in (True, False):
+        if distributed.is_main() == turn:
+            for batch in tqdm.tqdm(batches, desc="lambda-SOAP", unit="batch",
+                                   disable=not batches or not turn):
+                model.descriptor.compute_cached([frames[i] for i in batch], batch, cache_dir)
+        distributed.barrier()
 
 
 def _split(indices: Sequence[int], options: FitOptions):
@@ -364,14 +310,3 @@ def _split(indices: Sequence[int], options: FitOptions):
     if n_val is None:
         n_val = max(0, min(int(0.1 * n), n - n_train - n_test))
     return split_indices(indices, n_train, n_val, given_test, seed=options.split_seed)
-
-
-def _explicit_split(split: Dict[str, Sequence[int]]) -> Dict[str, List[int]]:
-    if not isinstance(split, dict):
-        raise ValueError(f"a split maps {SUBSETS} to lists of structure indices, got {split!r}")
-    unknown = sorted(set(split) - set(SUBSETS))
-    if unknown:
-        raise ValueError(f"split has unknown subsets {unknown}, expected some of {SUBSETS}")
-    return {name: sorted(int(i) for i in split.get(name, ())) for name in SUBSETS}
-
-

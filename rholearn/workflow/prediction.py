@@ -11,16 +11,15 @@ import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import ase
-import ase.io.cube
-import ase.units
-import numpy as np
 import tqdm
 from metatensor.torch import TensorMap
 
 from .. import layout
 from ..descriptors import select_system
 from ..backends import basis_backend
-from ..files import atomic_folder, remove_stale_files, write_json
+from ..cube import LARGE_CUBE_POINTS, CubeGrid, cube_grid
+from ..dataset import check_positions
+from ..files import atomic_folder, exclusive_lock, remove_stale_files, write_json
 from ..models import DensityModel
 
 
@@ -62,19 +61,35 @@ def predict(
     and ``cube_n_electrons``, the density summed over the cube times the voxel
     volume. A cube whose count is more than :data:`CUBE_TOLERANCE` off the exact
     one under-resolves the density: one :class:`CubeResolutionWarning` names the worst structure.
+    Cubes are written slab by slab (:func:`rholearn.cube.write_cube`), with a
+    progress bar from :data:`~rholearn.cube.LARGE_CUBE_POINTS` points.
 
-    Each ``out/<name>`` is written to a temporary folder and renamed, replacing
-    the folder of an earlier prediction as a whole (no stale ``density.cube`` is
-    left beside new coefficients); prediction folders of an earlier prediction
-    that this one does not write are removed, so ``out`` holds this prediction
-    only (:func:`earlier_predictions` lists what will be replaced). A folder
-    holding a dataset (``basis.json``) is refused.
+    Each prediction folder holds a marker file, :data:`PREDICTION_MARKER`, and
+    only marked folders are ever replaced or removed. Each ``out/<name>`` is
+    written to a temporary folder and renamed, replacing the folder of an earlier
+    prediction as a whole (no stale ``density.cube`` is left beside new
+    coefficients); prediction folders of an earlier prediction that this one does
+    not write are removed, so ``out`` holds this prediction only
+    (:func:`earlier_predictions` lists what will be replaced). One prediction at a
+    time writes into ``out`` (it holds ``out/.lock``).
+
+    Everything is checked before anything is written: a folder holding a dataset
+    (``basis.json``), a file, symlink or unmarked folder in the way of a structure's
+    folder, positions that no model was trained on
+    (:func:`rholearn.dataset.check_positions`: non-finite, or atoms closer than
+    :data:`~rholearn.dataset.MIN_DISTANCE`), elements outside the model's basis,
+    a cube spacing that is not > 0 or a cube above
+    :data:`~rholearn.cube.MAX_CUBE_POINTS` points.
 
     Raises
     ------
     ValueError
-        Duplicate or empty folder names (naming the structures), ``names`` or
-        ``indices`` of another length than ``frames``.
+        Naming the structure, folder or setting at fault: see above; duplicate or
+        empty folder names, ``names`` or ``indices`` of another length than
+        ``frames``, another prediction writing into ``out``.
+    FileExistsError
+        ``out`` holds a dataset, or something other than a prediction folder where
+        a structure's folder goes.
     """
     if os.path.isfile(os.path.join(out, layout.BASIS_FILE)):
         raise FileExistsError(
@@ -82,28 +97,35 @@ def predict(
         )
     indices = list(range(len(frames)) if indices is None else indices)
     folder_names = _prediction_names(frames, indices, names)
+    _check_structures(model, frames, indices, folder_names)
     try:
         backend = basis_backend(model.basis)
     except ValueError:
         if cube:
             raise
         backend = None  # no electron count: the coefficients need no backend
-    stale = [name for name in earlier_predictions(out) if name not in folder_names]
+    grids = _cube_grids(frames, indices, folder_names, cube_spacing) if cube else None
     os.makedirs(out, exist_ok=True)
-    remove_stale_files(out)
-    predictions = predict_in_batches(model, frames, range(len(frames)), batch_size=batch_size)
-    bar = tqdm.tqdm(predictions, total=len(frames), desc="predict", unit="structure",
-                    disable=not progress)
-    info = {"model_file": model_file, "model": model.model_type, "basis": model.basis.name}
-    counts = []
-    for position, coefficients in bar:
-        info.update(name=folder_names[position], index=indices[position])
-        counts.append(_write_prediction(
-            model, frames[position], info, coefficients, out, backend,
-            cube_spacing if cube else None,
-        ))
-    for name in stale:
-        shutil.rmtree(os.path.join(out, name))
+    with exclusive_lock(out, lambda path: ValueError(
+        f"another prediction is writing into '{out}' (it holds a lock on '{path}')"
+    )):
+        _check_folders(out, folder_names)
+        stale = [name for name in earlier_predictions(out) if name not in folder_names]
+        remove_stale_files(out)
+        predictions = predict_in_batches(model, frames, range(len(frames)),
+                                         batch_size=batch_size)
+        bar = tqdm.tqdm(predictions, total=len(frames), desc="predict", unit="structure",
+                        disable=not progress)
+        info = {"model_file": model_file, "model": model.model_type, "basis": model.basis.name}
+        counts = []
+        for position, coefficients in bar:
+            info.update(name=folder_names[position], index=indices[position])
+            counts.append(_write_prediction(
+                model, frames[position], info, coefficients, out, backend,
+                None if grids is None else (cube_spacing, grids[position]), progress,
+            ))
+        for name in stale:
+            shutil.rmtree(os.path.join(out, name))
     if cube:
         _warn_under_resolved(folder_names, counts, cube_spacing)
     return [os.path.join(out, name) for name in folder_names]
@@ -111,6 +133,10 @@ def predict(
 
 CUBE_FILE = "density.cube"
 """A prediction's cube file."""
+
+PREDICTION_MARKER = ".rholearn-prediction"
+"""The file that marks a folder as written by :func:`predict`: only marked folders
+are replaced or removed by a later prediction."""
 
 PREDICTION_INFO_FILE = "info.json"
 """A prediction's record of model, structure and electron counts."""
@@ -148,6 +174,42 @@ def _prediction_names(frames, indices, names) -> List[str]:
     return folders
 
 
+def _check_structures(model: DensityModel, frames, indices, names) -> None:
+    """Refuse, naming the structure, positions no model was trained on and
+    elements outside the model's basis."""
+    for atoms, index, name in zip(frames, indices, names):
+        where = f"structure {index} ('{name}')"
+        check_positions(atoms, where)
+        model.check_elements(atoms, where)
+
+
+def _cube_grids(frames, indices, names, spacing: float) -> List[CubeGrid]:
+    """Each structure's cube grid, refusing a bad spacing or a cube too large."""
+    return [cube_grid(atoms, spacing, where=f"structure {index} ('{name}')")
+            for atoms, index, name in zip(frames, indices, names)]
+
+
+def _check_folders(out: str, names: Sequence[str]) -> None:
+    """Refuse anything but a prediction folder (:data:`PREDICTION_MARKER`) where a
+    structure's folder goes: it would be replaced."""
+    for name in names:
+        path = os.path.join(out, name)
+        if not os.path.lexists(path) or _is_prediction(path):
+            continue
+        kind = ("a symlink" if os.path.islink(path) else "a folder not written by rholearn "
+                f"predict (no '{PREDICTION_MARKER}' in it)" if os.path.isdir(path) else "a file")
+        raise FileExistsError(
+            f"'{path}' is {kind}; the prediction of structure '{name}' would replace it: "
+            "move it away or predict into another folder (--out)"
+        )
+
+
+def _is_prediction(path: str) -> bool:
+    """A real folder (not a symlink) with :data:`PREDICTION_MARKER`."""
+    return (os.path.isdir(path) and not os.path.islink(path)
+            and os.path.isfile(os.path.join(path, PREDICTION_MARKER)))
+
+
 def _warn_under_resolved(names, counts, spacing: float) -> None:
     """One warning if some cube's electron count is off by more than
     :data:`CUBE_TOLERANCE`; ``counts`` holds ``(exact, cube)`` pairs."""
@@ -165,15 +227,12 @@ def _warn_under_resolved(names, counts, spacing: float) -> None:
 
 
 def earlier_predictions(out: str) -> List[str]:
-    """Names of the prediction folders (those holding ``coefficients.mts``) already
-    in ``out``, sorted."""
+    """Names of the prediction folders (holding :data:`PREDICTION_MARKER`, not
+    symlinks) already in ``out``, sorted."""
     if not os.path.isdir(out):
         return []
-    return sorted(
-        entry.name for entry in os.scandir(out)
-        if entry.is_dir() and not entry.name.startswith(".")
-        and os.path.isfile(os.path.join(entry.path, layout.COEFFICIENTS_FILE))
-    )
+    return sorted(entry.name for entry in os.scandir(out)
+                  if not entry.name.startswith(".") and _is_prediction(entry.path))
 
 
 def predict_in_batches(
@@ -197,11 +256,12 @@ def predict_in_batches(
             yield index, select_system(batch, index)
 
 
-def _write_prediction(model, atoms, info, coefficients, out, backend, cube_spacing):
-    """Write one structure's coefficients, ``info.json`` (``info`` and the counts)
-    and, if ``cube_spacing`` (Angstrom) is given, cube file into
-    ``out/<info["name"]>``, atomically (:func:`~rholearn.files.atomic_folder`).
-    Returns the electron counts ``(exact, cube)``, each ``None`` if not computed."""
+def _write_prediction(model, atoms, info, coefficients, out, backend, cube, progress):
+    """Write one structure's coefficients, ``info.json`` (``info`` and the counts),
+    the marker and, if ``cube`` (spacing in Angstrom, :class:`~rholearn.cube.CubeGrid`)
+    is given, cube file into ``out/<info["name"]>``, atomically
+    (:func:`~rholearn.files.atomic_folder`). Returns the electron counts
+    ``(exact, cube)``, each ``None`` if not computed."""
     info = {**info, "formula": atoms.get_chemical_formula()}
     exact = cube_count = None
     if backend is not None:
@@ -209,16 +269,17 @@ def _write_prediction(model, atoms, info, coefficients, out, backend, cube_spaci
         exact = float(backend.function_integrals(atoms, model.basis) @ vector)
     info["n_electrons"] = exact
     with atomic_folder(os.path.join(out, info["name"])) as tmp:
+        with open(os.path.join(tmp, PREDICTION_MARKER), "w") as f:
+            f.write("written by rholearn predict: replaced by the next prediction into "
+                    "this folder's parent\n")
         layout.save(os.path.join(tmp, layout.COEFFICIENTS_FILE), coefficients)
-        if cube_spacing is not None:
-            path = os.path.join(tmp, CUBE_FILE)
-            backend.write_cube(path, atoms, coefficients, model.basis, spacing=cube_spacing)
-            with open(path) as f:
-                cube = ase.io.cube.read_cube(f)
-            voxel = np.abs(np.linalg.det(cube["spacing"])) / ase.units.Bohr**3  # Bohr^3
-            cube_count = float(cube["data"].sum() * voxel)
-            info.update(cube_spacing_angstrom=cube_spacing,
-                        cube_voxel_angstrom=np.linalg.norm(cube["spacing"], axis=1).tolist(),
-                        cube_n_electrons=cube_count)
+        if cube is not None:
+            spacing, grid = cube
+            cube_count = backend.write_cube(
+                os.path.join(tmp, CUBE_FILE), atoms, coefficients, model.basis, spacing,
+                progress=progress and grid.n_points >= LARGE_CUBE_POINTS,
+            )
+            info.update(cube_spacing_angstrom=spacing, cube_voxel_angstrom=grid.step.tolist(),
+                        cube_shape=list(grid.shape), cube_n_electrons=cube_count)
         write_json(os.path.join(tmp, PREDICTION_INFO_FILE), info)
     return exact, cube_count

@@ -31,7 +31,7 @@ def dataset(tmp_path_factory):
 def test_defaults_are_the_python_defaults(capsys):
     assert cli.main(["defaults"]) == 0
     data = yaml.safe_load(capsys.readouterr().out)
-    assert data.pop("dataset") == "dataset" and data.pop("run") == "run"
+    assert data.pop("dataset") == "dataset" and data.pop("run") is None  # runs/DATE/TIME
     assert to_dict(from_dict(workflow.FitOptions, data)) == to_dict(workflow.FitOptions())
 
 
@@ -50,7 +50,7 @@ def test_train_from_an_options_file(dataset, tmp_path, capsys):
         "hypers:\n  cutoff:\n    radius: 3.0\n"
     )
     assert cli.main(["train", str(options), "-r", "split_seed=2", "--solve.regularisation", "1e-6"]) == 0
-    with open(os.path.join(run, cli.RUN_OPTIONS_FILE)) as f:
+    with open(os.path.join(run, workflow.OPTIONS_FILE)) as f:
         expanded = yaml.safe_load(f)
     assert expanded["dataset"] == dataset and expanded["split_seed"] == 2
     assert expanded["solve"]["regularisation"] == 1e-6
@@ -64,8 +64,8 @@ def test_train_from_an_options_file(dataset, tmp_path, capsys):
 
     # the run folder's options reproduce it: a copy with another run folder trains the same
     again = str(tmp_path / "again")
-    assert cli.main(["train", os.path.join(run, cli.RUN_OPTIONS_FILE), "--run", again]) == 0
-    with open(os.path.join(again, cli.RUN_OPTIONS_FILE)) as f:
+    assert cli.main(["train", os.path.join(run, workflow.OPTIONS_FILE), "--run", again]) == 0
+    with open(os.path.join(again, workflow.OPTIONS_FILE)) as f:
         assert {**yaml.safe_load(f), "run": run} == expanded
 
     exported = str(tmp_path / "exported.pt")
@@ -126,3 +126,41 @@ def test_bad_split_options_are_named(dataset, tmp_path, capsys):
     assert cli.main(["train", dataset, "--run", str(tmp_path / "r"),
                      "--split-file", str(tmp_path / "nowhere.json")]) == 2
     assert "nowhere.json" in capsys.readouterr().err
+
+
+def test_written_defaults_switch_model_with_one_override(capsys):
+    """`rholearn defaults` writes the kernel's model_options; `-r model=linear` on that
+    file drops them (they are the kernel's defaults), a changed one is refused."""
+    assert cli.main(["defaults"]) == 0
+    data = yaml.safe_load(capsys.readouterr().out)
+    for name in ("dataset", "run"):
+        data.pop(name)
+    for model, solver, options in (("linear", "direct", {"seed": 0}),
+                                   ("nonlinear", "gradient", {"hidden_sizes": [64], "width": 32,
+                                                              "seed": 0})):
+        switched = from_dict(workflow.FitOptions, {**data, "model": model, "solver": solver})
+        assert switched.model_options == options
+    data["model_options"]["n_references"] = 7
+    with pytest.raises(ValueError, match="model_options.n_references"):
+        from_dict(workflow.FitOptions, {**data, "model": "linear"})
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "export", "defaults"])
+def test_help_is_plain_text_with_choices_and_one_default(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = capsys.readouterr().out
+    assert not any(role in text for role in (":class:", ":func:", ":data:", ":meth:", "``"))
+    for empty in ("(default: None)", "(default: [])", "(default: False)"):
+        assert empty not in text
+    entries = []  # one per argument: its first line and the indented lines below
+    for line in text.splitlines():
+        if line.startswith("  ") and not line.startswith("   ") or not entries:
+            entries.append(line)
+        else:
+            entries[-1] += " " + line.strip()
+    for entry in entries:
+        assert entry.replace("defaults", "").count("default") <= 1, entry
+    if command == "train":
+        assert "--model {kernel,linear,nonlinear}" in text
+        assert "--solver {direct,gradient}" in text

@@ -158,6 +158,54 @@ def test_make_dataset_errors_name_structure_and_file(tmp_path, root, folder):
     assert f"structure 4: '{path}' holds samples of system(s) [0]" in str(error.value.__cause__)
 
 
+def test_targets_lacking_atoms_or_pairs_are_named(tmp_path, root):
+    """A coefficient file without an atom, an overlap with a pair in one order only:
+    refused when read (the overlap would not be a metric)."""
+    copy = str(tmp_path / "copy")
+    shutil.copytree(root, copy)
+    with pytest.warns(UserWarning):
+        folder = read_dataset(copy)
+    numbers = folder.frames[0].numbers  # H2O: O, H, H
+    overlap_path = os.path.join(copy, "0", layout.OVERLAP_FILE)
+    matrix = layout.pair_tensormap_to_matrix(mts.load(overlap_path), numbers, folder.basis)
+    n_o = folder.basis.n_functions(["O"])
+    n_h = folder.basis.n_functions(["H"])
+    matrix[n_o : n_o + n_h, :n_o] = 0.0  # the (H 1, O 0) pair dropped, (O 0, H 1) kept
+    layout.save(overlap_path, layout.matrix_to_pair_tensormap(matrix, numbers, folder.basis))
+    coefficients_path = os.path.join(copy, "0", layout.COEFFICIENTS_FILE)
+    vector = np.ones(n_o + n_h)
+    layout.save(coefficients_path, layout.vector_to_tensormap(vector, numbers[:2], folder.basis))
+
+    dataset = data.make_dataset(folder, indices=[0, 1])
+    dataset.get_sample(1)
+    with pytest.raises(ValueError, match="'coefficients' for sample '0'") as error:
+        dataset.get_sample(0)
+    assert (f"structure 0: '{coefficients_path}': block o3_lambda=0, center_type=1 holds atoms "
+            "[1], the structure has [1, 2]") in str(error.value.__cause__)
+    dataset = data.make_dataset(folder, indices=[0], targets=["overlap"])
+    with pytest.raises(ValueError) as error:
+        dataset.get_sample(0)
+    assert (f"structure 0: '{overlap_path}' holds atom pair (0, 1) but not (1, 0): an "
+            "incomplete overlap") in str(error.value.__cause__)
+
+
+def test_split_files_are_checked_naming_the_index():
+    assert data.check_split({"train": [3, 1], "test": None}, "s.json") == {
+        "train": [1, 3], "val": [], "test": []}
+    for split, message in [
+        ([0, 1], "split 's.json' must map"),
+        ({"train": [0], "validation": [1]}, "unknown subset 'validation'"),
+        ({"train": "0, 1"}, "'train' must be a list"),
+        ({"train": [0, True]}, "'train' holds True, not a structure index"),
+        ({"train": [0, -1]}, "'train' holds -1"),
+        ({"train": [0, "1"]}, "'train' holds '1'"),
+        ({"train": [0], "val": [1, 1]}, "structure 1 is twice in 'val'"),
+        ({"train": [0, 1], "val": [2], "test": [1]}, "structure 1 is in 'train' and in 'test'"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            data.check_split(split, "s.json")
+
+
 def test_collate_joins_structures_along_samples(folder, tmp_path):
     soap = LambdaSoap(HYPERS, atom_types=[1, 6, 7, 8], target_keys=folder.basis.keys())
     descriptors = soap.compute([folder.frames[i] for i in folder.indices], folder.indices)

@@ -10,6 +10,7 @@ import torch
 
 from rholearn import layout
 from rholearn.descriptors import DEFAULT_HYPERS, LambdaSoap
+from rholearn.descriptors.base import structure_hash
 from rholearn.testing import assert_equivariant
 from rhocalc.pyscf import basis_set
 
@@ -120,7 +121,8 @@ def test_unknown_element_names_the_structure(basis):
 def test_cache_returns_the_computed_descriptor_and_checks_settings(soap, tmp_path):
     frames = [ase.build.molecule("H2O"), ase.build.molecule("CH4")]
     cached = soap.compute_cached(frames, [3, 8], str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == ["3.mts", "8.mts", "descriptor.json"]
+    names = [f"3-{structure_hash(frames[0])}.mts", f"8-{structure_hash(frames[1])}.mts"]
+    assert sorted(os.listdir(tmp_path)) == sorted([*names, "descriptor.json"])
     fresh = soap.compute(frames, [3, 8])
     assert {tuple(k) for k in cached.keys.values.tolist()} == {
         tuple(k) for k in fresh.keys.values.tolist()
@@ -130,9 +132,18 @@ def test_cache_returns_the_computed_descriptor_and_checks_settings(soap, tmp_pat
         assert cached.block(key).samples == found.samples
 
     # a second call reads the files: a replaced file is what comes back
-    layout.save(str(tmp_path / "3.mts"), mts.zeros_like(soap.compute(frames[:1], [3])))
+    layout.save(str(tmp_path / names[0]), mts.zeros_like(soap.compute(frames[:1], [3])))
     again = soap.compute_cached(frames[:1], [3], str(tmp_path))
     assert all(bool((found.values == 0).all()) for found in again.blocks())
+
+    # the same index with a moved atom is computed again, and its older file removed
+    moved = frames[0].copy()
+    moved.positions[1, 0] += 0.01
+    recomputed = soap.compute_cached([moved], [3], str(tmp_path))
+    for key, found in soap.compute([moved], [3]).items():
+        assert torch.equal(recomputed.block(key).values, found.values)
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [f"3-{structure_hash(moved)}.mts", names[1], "descriptor.json"])
 
     other = LambdaSoap({**HYPERS, "density": {"type": "Gaussian", "width": 0.5}}, ATOM_TYPES, soap.target_keys)
     with pytest.raises(ValueError, match="other settings"):

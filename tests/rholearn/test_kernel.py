@@ -84,6 +84,51 @@ def test_a_saved_kernel_model_predicts_the_same(model, tmp_path):
         torch.testing.assert_close(block.values, expected.block(key).values, rtol=0, atol=0)
 
 
+def test_a_saved_kernel_model_stores_only_the_references_used(tmp_path):
+    """8 hydrogen and 3 carbon atoms in training, 100 references asked for: the file
+    holds 8 and 3 (and the kept columns of the projection), not 100 padded ones."""
+    frames = [ase.build.molecule("CH4"), ase.build.molecule("C2H2"), ase.build.molecule("H2")]
+    model = DensityModel(basis_set(AUXBASIS, ["H", "C"]), HYPERS, "kernel", n_references=100)
+    model.net.fit_references(model.descriptor.compute(frames))
+    path = str(tmp_path / "model.pt")
+    model.save(path)
+    state = torch.load(path, weights_only=True)["net_state"]
+    for (l, _, z), block in zip(model.keys, model.net.features.blocks):
+        prefix = f"features.blocks.{model.keys.index((l, 1, z))}."
+        n_atoms = {1: 8, 6: 3}[z]
+        assert state[prefix + "references"].shape == (n_atoms, 2 * l + 1, block.references.shape[2])
+        assert state[prefix + "projection"].shape == (n_atoms * (2 * l + 1), int(block.n_active))
+    reloaded = DensityModel.load(path)
+    expected = model.predict(frames)
+    for key, block in reloaded.predict(frames).items():
+        torch.testing.assert_close(block.values, expected.block(key).values, rtol=0, atol=0)
+
+
+def test_a_kernel_model_saved_with_padded_references_still_loads(model, tmp_path):
+    """Files written before references were trimmed held ``M`` zero-padded references
+    and a square projection: they load and predict the same."""
+    path = str(tmp_path / "model.pt")
+    model.save(path)
+    saved = torch.load(path, weights_only=True)
+    n_references = model.net.features.n_references
+    for index, (l, _, _) in enumerate(model.keys):
+        prefix, width = f"features.blocks.{index}.", 2 * l + 1
+        for name, shape in (("references", (n_references,)),
+                            ("reference_invariants", (n_references,)),
+                            ("projection", (n_references * width, n_references * width))):
+            stored = saved["net_state"][prefix + name]
+            padded = stored.new_zeros(shape + stored.shape[len(shape):])
+            padded[tuple(slice(0, n) for n in stored.shape)] = stored
+            saved["net_state"][prefix + name] = padded
+    saved["format"] = "rholearn.DensityModel/2"
+    torch.save(saved, path)
+    reloaded = DensityModel.load(path)
+    frames = distorted_waters(2, seed=11)
+    expected = model.predict(frames)
+    for key, block in reloaded.predict(frames).items():
+        torch.testing.assert_close(block.values, expected.block(key).values, rtol=0, atol=1e-14)
+
+
 def test_the_exported_kernel_model_predicts_the_same(model, tmp_path):
     path = str(tmp_path / "model.torchscript")
     model.export(path)

@@ -145,16 +145,27 @@ def test_baseline_errors(tensors):
         subtract_baseline(reference, per_atom)
 
 
-def test_atom_error_shares_against_dense(structures, references, predictions, tensors):
-    shares = atom_error_shares(*tensors)
+def test_atom_error_shares_are_loewdin_populations(structures, references, predictions, tensors):
+    """Each atom's share is its part of |S^(1/2) dc|^2: non-negative, summing to 100 %
+    of the structure's dc^T S dc, on real PySCF overlaps."""
     for s, x, y in zip(structures, predictions, references):
+        system = mts.Labels(["system"], torch.tensor([[s.system]], dtype=torch.int32))
+        one = [mts.slice(tensor, "samples", system) for tensor in tensors]
+        shares = atom_error_shares(*one, s.atomic_numbers, data.basis())
         dc = x - y
-        weighted = s.overlap @ dc
+        eigenvalues, eigenvectors = np.linalg.eigh(s.overlap)
+        root = eigenvectors @ (np.sqrt(eigenvalues) * (eigenvectors.T @ dc))
         owner = np.array([atom for atom, _, _, _ in data.basis().functions(s.symbols)])
-        expected = [
-            100 * dc[owner == atom] @ weighted[owner == atom] / (dc @ weighted)
-            for atom in range(len(s.symbols))
-        ]
-        found = [shares[(s.system, atom)] for atom in range(len(s.symbols))]
-        np.testing.assert_allclose(found, expected, rtol=1e-10)
-        assert sum(found) == pytest.approx(100.0)
+        expected = 100 * np.bincount(owner, weights=root**2) / (dc @ s.overlap @ dc)
+        assert shares.shape == (len(s.symbols),)
+        assert (shares >= 0).all()
+        assert shares.sum() == pytest.approx(100.0, rel=1e-12)
+        np.testing.assert_allclose(shares, expected, rtol=1e-10)
+
+
+def test_atom_error_shares_of_an_exact_prediction_are_zero(structures, tensors):
+    s = structures[0]
+    system = mts.Labels(["system"], torch.tensor([[s.system]], dtype=torch.int32))
+    reference, overlap = (mts.slice(t, "samples", system) for t in tensors[1:])
+    shares = atom_error_shares(reference, reference, overlap, s.atomic_numbers, data.basis())
+    assert shares.tolist() == [0.0] * len(s.symbols)

@@ -6,6 +6,7 @@ from typing import List, Optional
 
 import pytest
 
+from rholearn import options
 from rholearn.options import (
     OptionsError,
     add_flags,
@@ -128,6 +129,18 @@ def test_bad_yaml_names_the_file(tmp_path):
         read_yaml(str(tmp_path / "missing.yaml"))
 
 
+def test_aliases_are_refused_and_never_written(tmp_path):
+    path = tmp_path / "aliases.yaml"
+    path.write_text("a: &x [1, 2]\nb: *x\n")
+    with pytest.raises(OptionsError, match=r"aliases.yaml' .*alias '\*x'"):
+        read_yaml(str(path))
+    with pytest.raises(OptionsError, match="alias"):
+        parse_override("train.epochs=*x")
+    shared = [1, 2]  # the same object twice: written out twice, no anchor
+    write_yaml(str(path), {"a": shared, "b": shared})
+    assert "&" not in path.read_text() and read_yaml(str(path)) == {"a": [1, 2], "b": [1, 2]}
+
+
 def test_flags_come_from_the_definition():
     names = [name for name, *_ in leaf_options(Outer)]
     assert names == ["name", "count", "sizes", "hypers", "inner.epochs", "inner.rate"]
@@ -140,3 +153,27 @@ def test_flags_come_from_the_definition():
         apply_override(data, path, value)
     assert from_dict(Outer, data) == Outer(count=2, inner=Inner(epochs=7))
     assert flag_overrides(parser.parse_args([])) == []
+
+
+def test_docstrings_become_plain_help_with_choices():
+    assert options.plain_text("See :class:`~rholearn.models.DensityModel` and "
+                              ":func:`rholearn.solve.solve_linear`, ``x``.") == \
+        "See DensityModel and rholearn.solve.solve_linear, x."
+
+    @dataclasses.dataclass
+    class Choices:
+        """Options.
+
+        Parameters
+        ----------
+        kind : {"a", "b"}
+            Which one.
+        size : {1, 2}
+            Not strings: no choices.
+        """
+
+        kind: str = "a"
+        size: int = 1
+
+    assert options.parameter_choices(Choices) == {"kind": ["a", "b"]}
+    assert [leaf[-1] for leaf in leaf_options(Choices)] == [["a", "b"], []]

@@ -26,19 +26,22 @@ def _is_png(path) -> bool:
         return f.read(8) == PNG_SIGNATURE
 
 
-def test_parity_plot_reports_rmse_per_l(basis, tmp_path):
+def test_parity_plot_reports_rmse_per_element_for_l0_and_the_rest(basis, tmp_path):
     rng = np.random.default_rng(0)
     n = basis.n_functions(["O", "H", "H"])
     reference = [layout.vector_to_tensormap(rng.normal(size=n), WATER, basis, s) for s in range(3)]
     rmse = plots.plot_parity(reference, reference, str(tmp_path / "same.png"))
-    assert sorted(rmse) == [0, 1, 2] and all(value == 0.0 for value in rmse.values())
+    assert rmse == {"l=0": {"H": 0.0, "O": 0.0}, "l>0": {"H": 0.0, "O": 0.0}}
 
     shifted = []
+    owner = [(atom, l) for atom, l, _, _ in basis.functions(["O", "H", "H"])]
+    shift = np.array([0.1 if l == 0 else (0.2 if atom == 0 else 0.3) for atom, l in owner])
     for s, tensor in enumerate(reference):
         vector = layout.tensormap_to_vector(tensor, WATER, basis)
-        shifted.append(layout.vector_to_tensormap(vector + 0.1, WATER, basis, s))
+        shifted.append(layout.vector_to_tensormap(vector + shift, WATER, basis, s))
     rmse = plots.plot_parity(shifted, reference, str(tmp_path / "parity.png"))
-    assert all(value == pytest.approx(0.1) for value in rmse.values())
+    assert rmse["l=0"] == {"H": pytest.approx(0.1), "O": pytest.approx(0.1)}
+    assert rmse["l>0"] == {"H": pytest.approx(0.3), "O": pytest.approx(0.2)}
     assert _is_png(tmp_path / "parity.png")
 
 
@@ -53,11 +56,12 @@ def test_parity_plot_refuses_misaligned_inputs(basis, tmp_path):
 def test_training_curves_read_the_log(tmp_path):
     log = tmp_path / "log.csv"
     log.write_text(
-        "epoch,train_loss,val_loss,learning_rate,seconds\n"
-        "1,4.0,5.0,0.1,0.2\n2,2.0,3.0,0.1,0.2\n3,1.0,,0.1,0.2\n"
+        "epoch,train_loss,val_loss,val_rmse_percent,learning_rate,seconds\n"
+        "1,4.0,5.0,40.0,0.1,0.2\n2,2.0,3.0,30.0,0.1,0.2\n3,1.0,,,0.1,0.2\n"
     )
-    drawn = plots.plot_training_curves(str(log), str(tmp_path / "curves.png"))
+    drawn = plots.plot_training_curves(str(log), str(tmp_path / "curves.png"), loss="overlap")
     np.testing.assert_array_equal(drawn["train_loss"], [4.0, 2.0, 1.0])
+    np.testing.assert_array_equal(drawn["val_rmse_percent"][:2], [40.0, 30.0])
     assert np.isnan(drawn["val_loss"][2])
     assert _is_png(tmp_path / "curves.png")
 
@@ -76,3 +80,12 @@ def test_learning_curve_slope(tmp_path):
     assert slopes["power law"] == pytest.approx(-0.5)
     assert np.isnan(slopes["one point"])
     assert _is_png(tmp_path / "curve.png")
+
+
+@pytest.mark.parametrize("low, high, ticks", [
+    (0.6, 3.0, [0.5, 1.0, 2.0]),
+    (10, 100, [10, 20, 50, 100]),
+    (1, 10000, [1, 10, 100, 1000, 10000]),
+])
+def test_learning_curve_ticks_are_plain_numbers(low, high, ticks):
+    assert plots.nice_ticks(low, high) == pytest.approx(ticks)

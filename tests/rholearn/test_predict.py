@@ -50,6 +50,11 @@ def unnamed(tmp_path):
     return path
 
 
+def visible(folder):
+    """The entries of a folder a user sees (not its lock file)."""
+    return sorted(name for name in os.listdir(folder) if not name.startswith("."))
+
+
 def read_info(folder):
     with open(os.path.join(folder, workflow.PREDICTION_INFO_FILE)) as f:
         return json.load(f)
@@ -71,7 +76,7 @@ def test_names_are_kept_and_info_records_the_electron_count(model_file, tmp_path
     folders = workflow.predict(model, frames, out, progress=False, model_file=model_file)
     names = ["water-0", "water_.._odd_name", "water-2"]
     assert folders == [os.path.join(out, name) for name in names]
-    assert sorted(os.listdir(out)) == sorted(names)
+    assert visible(out) == sorted(names)
     for index, (atoms, folder) in enumerate(zip(frames, folders)):
         info = read_info(folder)
         assert info["name"] == os.path.basename(folder) and info["index"] == index
@@ -85,7 +90,7 @@ def test_names_are_kept_and_info_records_the_electron_count(model_file, tmp_path
 
     # explicit names win; a second prediction replaces the first as a whole
     folders = workflow.predict(model, frames[:2], out, progress=False, names=["a", "b"])
-    assert sorted(os.listdir(out)) == ["a", "b"]
+    assert visible(out) == ["a", "b"]
 
 
 def test_duplicate_names_are_refused_before_writing(model_file, tmp_path, capsys):
@@ -111,7 +116,7 @@ def test_duplicate_names_are_refused_before_writing(model_file, tmp_path, capsys
 def test_cli_folders_are_the_indices_in_the_file(model_file, unnamed, tmp_path, index, expected):
     out = str(tmp_path / "out")
     assert cli.main(["predict", model_file, unnamed, "--out", out, "--index", index]) == 0
-    assert sorted(os.listdir(out)) == expected
+    assert visible(out) == expected
     model = DensityModel.load(model_file)
     for name in expected:
         atoms = ase.io.read(unnamed, int(name))
@@ -130,7 +135,7 @@ def test_cli_reads_an_index_file_and_a_run_folder(model_file, unnamed, tmp_path,
     out = str(tmp_path / "out")
     run = os.path.dirname(model_file)
     assert cli.main(["predict", run, unnamed, "--out", out, "--index", f"@{indices}"]) == 0
-    assert sorted(os.listdir(out)) == ["1", "2", "5"]
+    assert visible(out) == ["1", "2", "5"]
     assert read_info(os.path.join(out, "5"))["model_file"] == os.path.abspath(model_file)
 
     capsys.readouterr()
@@ -139,7 +144,7 @@ def test_cli_reads_an_index_file_and_a_run_folder(model_file, unnamed, tmp_path,
     assert "unnamed.xyz' holds 6 structures: no index [6]" in error
     assert cli.main(["predict", run, unnamed, "--out", out, "--index", "0,x"]) == 2
     assert "'0,x' is not a list of integers" in capsys.readouterr().err
-    assert sorted(os.listdir(out)) == ["1", "2", "5"]  # nothing replaced
+    assert visible(out) == ["1", "2", "5"]  # nothing replaced
 
 
 def test_a_coarse_cube_is_reported_and_a_fine_one_is_not(model_file, unnamed, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Direct solve in the overlap metric: it is the optimum gradient training reaches,
-CG agrees with Cholesky, the regularisation is chosen on validation structures,
-and ``workflow.fit`` uses it by default."""
+block-Jacobi CG agrees with the dense solve and reports when it stops unconverged,
+the regularisation is chosen by cross-validation (equal to refitting without each
+fold) or on validation structures, and ``workflow.fit`` uses it by default."""
 
 import functools
 import json
@@ -56,8 +57,10 @@ def test_direct_solve_is_the_optimum_of_gradient_training(folder, descriptors):
     train_ids = folder.indices[:6]
     batches = list(loaders(folder, descriptors, train_ids))
     solved = make_model(folder, train_ids)
-    record = solve_linear(solved, batches, options=SolveOptions(regularisation=0.1, solver="cholesky"))
-    assert record["solver"] == "cholesky" and record["n_weights"] > 1000
+    record = solve_linear(solved, batches, options=SolveOptions(regularisation=0.1, solver="dense"))
+    assert record["solver"] == "dense" and record["n_weights"] > 1000
+    assert record["selection"] == "single" and record["converged"]
+    assert record["solves"][-1]["relative_residual"] < 1e-10
 
     trained = make_model(folder, train_ids)
     optimizer = torch.optim.LBFGS(trained.net.parameters(), lr=1.0, max_iter=200,
@@ -86,22 +89,58 @@ def test_direct_solve_is_the_optimum_of_gradient_training(folder, descriptors):
     assert record["grid"][0]["train_loss"] * len(train_ids) == pytest.approx(loss, rel=1e-8)
 
 
-def test_conjugate_gradients_agree_with_cholesky(folder, descriptors):
+def weights(model):
+    return torch.cat([p.detach().flatten() for p in model.net.parameters()])
+
+
+@pytest.mark.parametrize("piece", [64, 4096])  # pieces of head blocks, or whole head blocks
+def test_block_jacobi_conjugate_gradients_agree_with_the_dense_solve(folder, descriptors, piece):
     train_ids = folder.indices[:6]
     models, records = {}, {}
-    for solver in ("cholesky", "cg"):
-        models[solver] = make_model(folder, train_ids)
+    for solver in ("dense", "cg"):
+        models[solver] = make_model(folder, train_ids, "kernel", n_references=6)
+        models[solver].net.fit_references(descriptors_of(descriptors, train_ids))
         records[solver] = solve_linear(
             models[solver], loaders(folder, descriptors, train_ids),
-            options=SolveOptions(regularisation=1e-2, solver=solver, cg_tolerance=1e-10),
+            options=SolveOptions(regularisation=1e-6, solver=solver, cg_tolerance=1e-12,
+                                 preconditioner_block=piece),
         )
-    assert 0 < records["cg"]["cg_iterations"] < 2000
+    solve = records["cg"]["solves"][-1]
+    assert records["cg"]["converged"] and solve["converged"]
+    assert 0 < solve["iterations"] < 2000 and solve["relative_residual"] < 1e-11
+    expected, found = weights(models["dense"]), weights(models["cg"])
+    assert float((found - expected).norm()) < 1e-8 * float(expected.norm())
     with torch.no_grad():
         batch = next(iter(loaders(folder, descriptors, folder.indices[6:], batch_size=6)))
-        for key, block in models["cholesky"](batch.descriptor).items():
+        for key, block in models["dense"](batch.descriptor).items():
             expected = block.values
             found = models["cg"](batch.descriptor).block(key).values
-            torch.testing.assert_close(found, expected, rtol=0, atol=1e-6 * expected.abs().max())
+            torch.testing.assert_close(found, expected, rtol=0, atol=1e-8 * expected.abs().max())
+
+
+def test_unconverged_conjugate_gradients_are_reported(folder, descriptors):
+    train_ids = folder.indices[:6]
+    model = make_model(folder, train_ids)
+    with pytest.warns(UserWarning, match="stopped unconverged"):
+        record = solve_linear(model, loaders(folder, descriptors, train_ids),
+                              options=SolveOptions(regularisation=1e-6, solver="cg", cg_max_iterations=3))
+    assert record["converged"] is False
+    assert record["solves"] == [{"fold": None, "regularisation": 1e-6, "iterations": 3,
+                                 "relative_residual": record["solves"][0]["relative_residual"],
+                                 "converged": False}]
+    assert record["solves"][0]["relative_residual"] > 1e-3
+
+
+def test_auto_solver_decides_from_the_available_memory(folder, descriptors):
+    train_ids = folder.indices[:4]
+    record = solve_linear(make_model(folder, train_ids), loaders(folder, descriptors, train_ids),
+                          options=SolveOptions(regularisation=1e-3))
+    memory = record["memory"]
+    assert record["solver"] == "dense" and memory["source"] in ("psutil", "/proc/meminfo")
+    assert memory["needed_bytes"] == 3 * record["n_weights"] ** 2 * 8 <= memory["allowed_bytes"]
+    tiny = SolveOptions(regularisation=1e-3, memory_fraction=memory["needed_bytes"] / memory["available_bytes"] / 10)
+    record = solve_linear(make_model(folder, train_ids), loaders(folder, descriptors, train_ids), options=tiny)
+    assert record["solver"] == "cg" and record["converged"]
 
 
 def test_regularisation_is_chosen_on_the_validation_structures(folder, descriptors):
@@ -165,5 +204,123 @@ def test_fit_with_default_options_solves_the_kernel_model(folder, tmp_path):
     for key, block in result.model.predict(frames).items():
         torch.testing.assert_close(reloaded.predict(frames).block(key).values, block.values,
                                    rtol=0, atol=0)
-    with pytest.raises(FileExistsError, match="already holds a solved model"):
+    with pytest.raises(FileExistsError, match="already holds a run"):
         workflow.fit(folder.root, result.run_dir, options)
+
+
+def held_out_loss(model, folder, descriptors, ids):
+    with torch.no_grad():
+        return sum(float(OverlapLoss()(model(b.descriptor), b)) for b in loaders(folder, descriptors, ids))
+
+
+@pytest.mark.parametrize("n_train, folds", [(7, 3), (4, None)])  # k-fold; leave-one-out for tiny N
+def test_cross_validation_equals_refitting_without_each_fold(folder, descriptors, n_train, folds):
+    train_ids = folder.indices[:n_train]
+    grid = [1e-8, 1e-6, 1e-3, 1e-1]
+
+    def kernel_model():
+        model = make_model(folder, train_ids, "kernel", n_references=4)
+        model.net.fit_references(descriptors_of(descriptors, train_ids))
+        return model
+
+    chosen = kernel_model()
+    record = solve_linear(chosen, loaders(folder, descriptors, train_ids),
+                          options=SolveOptions(regularisation=grid, folds=folds))
+    assert record["selection"] == "cross-validation" and record["solver"] == "dense"
+    expected_folds = [[i] for i in train_ids] if folds is None else [train_ids[:3], train_ids[3:5], train_ids[5:]]
+    assert record["folds"] == expected_folds
+    # brute force: solve on the other folds with the same absolute alpha, evaluate the held-out fold
+    baseline_only = make_model(folder, train_ids)
+    with torch.no_grad():
+        for parameter in baseline_only.net.parameters():
+            parameter.zero_()
+    spread = held_out_loss(baseline_only, folder, descriptors, train_ids)  # sum y^T S y
+    for row in record["grid"]:
+        total = 0.0
+        for fold in record["folds"]:
+            kept = [i for i in train_ids if i not in fold]
+            model = kernel_model()
+            scale = solve_linear(model, loaders(folder, descriptors, kept),
+                                 options=SolveOptions(regularisation=1.0))["alpha"]
+            solve_linear(model, loaders(folder, descriptors, kept),
+                         options=SolveOptions(regularisation=row["alpha"] / scale))
+            total += held_out_loss(model, folder, descriptors, fold)
+        # (to round-off of the cancelling sum theta^T H_f theta - 2 theta^T g_f + y_f^T S y_f)
+        assert row["cv_loss"] * n_train == pytest.approx(total, rel=1e-8, abs=1e-10 * spread)
+        assert row["cv_rmse_percent"] == pytest.approx(100 * (total / spread) ** 0.5, rel=1e-6)
+    losses = [row["cv_loss"] for row in record["grid"]]
+    assert len(set(losses)) == len(grid)  # the grid does matter here
+    assert record["regularisation"] == grid[losses.index(min(losses))]
+    # the returned weights are the solve on every training structure at the chosen strength
+    refit = kernel_model()
+    solve_linear(refit, loaders(folder, descriptors, train_ids),
+                 options=SolveOptions(regularisation=record["regularisation"]))
+    # (the folds' chunks sum H in another order: round-off, amplified at small strengths)
+    assert float((weights(chosen) - weights(refit)).norm()) < 1e-6 * float(weights(refit).norm())
+
+
+def test_a_choice_at_the_edge_of_the_grid_is_warned_about(folder, descriptors):
+    train_ids = folder.indices[:6]
+    model = make_model(folder, train_ids, "kernel", n_references=4)
+    model.net.fit_references(descriptors_of(descriptors, train_ids))
+    with pytest.warns(UserWarning, match="smallest value of the grid"):
+        record = solve_linear(model, loaders(folder, descriptors, train_ids),
+                              options=SolveOptions(regularisation=[10.0, 100.0]))
+    assert record["regularisation"] == 10.0 and record["edge"] == "smallest"
+
+
+def test_cross_validation_keeps_to_its_time_budget(folder, descriptors):
+    train_ids = folder.indices[:4]
+    model = make_model(folder, train_ids, "kernel", n_references=4)
+    model.net.fit_references(descriptors_of(descriptors, train_ids))
+    batches = list(loaders(folder, descriptors, train_ids))
+    full = solve_linear(model, batches, options=SolveOptions(regularisation=[1e-6, 1e-3, 1e-1]))
+    record = solve_linear(model, batches, options=SolveOptions(regularisation=[1e-6, 1e-3, 1e-1], cv_seconds=0))
+    assert (full["folds_scored"], record["folds_scored"]) == (4, 1)  # leave-one-out, first fold only
+    assert record["cv_estimate_seconds"] == 0.0  # too small to estimate
+    # fold 0's held-out loss is the same in both; the full run averages over the 4
+    assert record["grid"][0]["cv_loss"] != full["grid"][0]["cv_loss"]
+    # without the dense solver there is no cross-validation: the fallback strength, with a warning
+    with pytest.warns(UserWarning, match="cross-validation skipped: it needs the dense solver"):
+        record = solve_linear(model, batches, options=SolveOptions(
+            regularisation=[1e-6, 1e-3], solver="cg", fallback_regularisation=1e-3))
+    assert record["selection"] == "fallback" and record["regularisation"] == 1e-3
+    assert [row["regularisation"] for row in record["grid"]] == [1e-3] and record["converged"]
+
+
+def test_fit_without_validation_structures_cross_validates(folder, tmp_path):
+    options = workflow.FitOptions(hypers=HYPERS, n_train=8, n_val=0, n_test=4)
+    result = workflow.fit(folder.root, str(tmp_path / "run"), options)
+    with open(os.path.join(result.run_dir, workflow.SOLVE_FILE)) as f:
+        record = json.load(f)
+    assert record["selection"] == "cross-validation" and record["converged"]
+    assert record["folds"] == [[i] for i in sorted(result.split["train"])]  # leave-one-out
+    assert len(record["grid"]) == len(SolveOptions().grid())
+    best = min(record["grid"], key=lambda row: row["cv_loss"])
+    assert record["regularisation"] == best["regularisation"]
+    with open(os.path.join(result.run_dir, "train.log")) as f:
+        log = f.read()
+    assert f"regularisation {record['regularisation']:g} chosen by 8-fold cross-validation" in log
+    assert f"CV RMSE {best['cv_rmse_percent']:.3g} %" in log
+
+
+def test_cross_validation_over_structures_with_different_elements(tmp_path):
+    """Folds cut batches of waters and methanes: a fold's share lacks some elements."""
+    import ase.build
+
+    frames = []
+    for seed in range(4):
+        atoms = ase.build.molecule("H2O" if seed % 2 else "CH4")
+        atoms.rattle(0.05, seed=seed)
+        frames.append(atoms)
+    root = str(tmp_path / "mixed")
+    run_batch(frames, root, functools.partial(compute_targets, options=OPTIONS),
+              basis_set(OPTIONS.auxbasis, ["H", "C", "O"]), progress=False)
+    mixed = read_dataset(root)
+    descriptors = DensityModel(mixed.basis, HYPERS).descriptor.compute(mixed.frames, mixed.indices)
+    model = make_model(mixed, mixed.indices, "kernel", n_references=2)
+    model.net.fit_references(descriptors)
+    record = solve_linear(model, loaders(mixed, descriptors, mixed.indices, batch_size=4),
+                          options=SolveOptions(regularisation=[1e-6, 1e-3, 1e-1]))
+    assert record["selection"] == "cross-validation" and record["folds_scored"] == 4
+    assert all(row["cv_loss"] > 0 for row in record["grid"])

@@ -3,16 +3,16 @@
 import csv
 import dataclasses
 import functools
-import json
 import math
 import os
 import pickle
+import shutil
 
 import ase.build
 import pytest
 import torch
 
-from rholearn import data, train
+from rholearn import data, run, train
 from rholearn.dataset import read_dataset
 from rholearn.loss import CoefficientLoss, OverlapLoss
 from rholearn.models import DensityModel
@@ -21,7 +21,13 @@ from rhocalc.pyscf import basis_set, compute_targets
 
 from small_setup import HYPERS, OPTIONS
 
-BEST_KEYS = {"format", "epoch", "best_loss", "best_epoch", "stale_epochs", "history", "model"}
+OLD_CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "data", "checkpoint-format-2.pt")
+"""``checkpoint_last.pt`` of ``train.train(make_model(folder), CoefficientLoss(), *datasets,
+options(epochs=2), run_dir)`` written by rholearn at commit 17e00fe (format
+``"rholearn.checkpoint/2"``), on the datasets of this file."""
+
+BEST_KEYS = {"format", "rholearn_version", "epoch", "best_loss", "best_epoch", "stale_epochs",
+             "history", "model"}
 CHECKPOINT_KEYS = BEST_KEYS | {"optimizer", "scheduler", "random_states", "options"}
 
 
@@ -96,14 +102,11 @@ def test_adam_training_learns_and_writes_a_complete_run(folder, datasets, tmp_pa
     assert len(capsys.readouterr().out.strip().splitlines()) == 8
 
     assert sorted(os.listdir(run_dir)) == sorted(
-        [train.OPTIONS_FILE, train.LOG_FILE, train.LAST_CHECKPOINT, train.BEST_CHECKPOINT,
-         "train.log"]
+        [train.LOG_FILE, train.LAST_CHECKPOINT, train.BEST_CHECKPOINT, "train.log", ".lock"]
     )
     with open(os.path.join(run_dir, "train.log")) as f:
         text_log = f.read().splitlines()
     assert len(text_log) == 8 and text_log[-1].split()[3:5] == ["epoch", "8/8"]
-    with open(os.path.join(run_dir, train.OPTIONS_FILE)) as f:
-        assert json.load(f) == dataclasses.asdict(options(epochs=8, verbose=True))
     with open(os.path.join(run_dir, train.LOG_FILE)) as f:
         rows = list(csv.DictReader(f))
     assert [float(row["val_loss"]) for row in rows] == [r["val_loss"] for r in history]
@@ -113,6 +116,8 @@ def test_adam_training_learns_and_writes_a_complete_run(folder, datasets, tmp_pa
     # the best checkpoint holds weights, no optimizer state
     assert set(torch.load(os.path.join(run_dir, train.BEST_CHECKPOINT))) == BEST_KEYS
     assert last["epoch"] == 8 and last["history"] == history
+    assert last["format"] == run.CHECKPOINT_FORMAT
+    assert last["options"] == dataclasses.asdict(options(epochs=8, verbose=True))
     assert_same_weights(last["model"], model.state_dict())
 
     best_epoch = min(history, key=lambda r: r["val_loss"])["epoch"]
@@ -201,14 +206,59 @@ def test_a_finished_run_is_not_overwritten(folder, datasets, tmp_path):
     train.train(make_model(folder), CoefficientLoss(), *datasets, options(epochs=1), str(tmp_path))
     with pytest.raises(FileExistsError, match="resume=True"):
         train.train(make_model(folder), CoefficientLoss(), *datasets, options(), str(tmp_path))
-    # resuming a run that already reached its epochs trains no further; other
-    # settings than the saved ones are reported
-    with pytest.warns(UserWarning, match=r"'learning_rate': \(0.1, 0.2\)"):
-        history = train.train(
-            make_model(folder, seed=3), CoefficientLoss(), *datasets,
-            options(epochs=1, learning_rate=0.2), str(tmp_path), resume=True,
-        )
+    # resuming a run that already reached its epochs trains no further
+    history = train.train(make_model(folder, seed=3), CoefficientLoss(), *datasets,
+                          options(epochs=1), str(tmp_path), resume=True)
     assert len(history) == 1
+
+
+@pytest.mark.parametrize("change, culprit", [
+    ({"optimizer": "lbfgs"}, "optimizer: 'adam' there, 'lbfgs' now"),
+    ({"dtype": "float32"}, "dtype: 'float64' there, 'float32' now"),
+    ({"batch_size": 4, "seed": 1}, "batch_size: 3 there, 4 now; seed: 0 there, 1 now"),
+])
+def test_resuming_with_options_that_cannot_continue_is_refused_untouched(
+    folder, datasets, tmp_path, change, culprit
+):
+    train.train(make_model(folder), CoefficientLoss(), *datasets, options(epochs=2), str(tmp_path))
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)}
+    with pytest.raises(ValueError, match=culprit):
+        train.train(make_model(folder), CoefficientLoss(), *datasets,
+                    options(epochs=3, **change), str(tmp_path), resume=True)
+    assert {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path)} == before
+
+
+def test_a_new_learning_rate_on_resume_is_applied_and_logged(folder, datasets, tmp_path):
+    settings = options(epochs=2, scheduler=None)
+    train.train(make_model(folder), CoefficientLoss(), *datasets, settings, str(tmp_path))
+    history = train.train(
+        make_model(folder), CoefficientLoss(), *datasets,
+        dataclasses.replace(settings, epochs=4, learning_rate=0.02), str(tmp_path), resume=True,
+    )
+    assert [record["learning_rate"] for record in history] == [0.1, 0.1, 0.02, 0.02]
+    with open(tmp_path / "train.log") as f:
+        assert "learning rate 0.1 -> 0.02 from epoch 3" in f.read()
+    checkpoint = torch.load(tmp_path / train.LAST_CHECKPOINT, weights_only=True)
+    assert checkpoint["options"]["learning_rate"] == 0.02
+
+
+def test_a_format_2_checkpoint_is_upgraded_and_resumes(folder, datasets, tmp_path):
+    """A real checkpoint of the previous format (tests/data), read and resumed."""
+    old = torch.load(OLD_CHECKPOINT, weights_only=True)
+    assert old["format"] == "rholearn.checkpoint/2"
+    upgraded = run.read_checkpoint(OLD_CHECKPOINT)
+    assert upgraded["format"] == run.CHECKPOINT_FORMAT == 3
+    assert upgraded["rholearn_version"] is None
+    assert set(upgraded) == CHECKPOINT_KEYS
+    shutil.copy(OLD_CHECKPOINT, tmp_path / train.LAST_CHECKPOINT)
+    model = make_model(folder, seed=5)
+    history = train.train(model, CoefficientLoss(), *datasets, options(epochs=3), str(tmp_path),
+                          resume=True)
+    assert [record["epoch"] for record in history] == [1, 2, 3]
+    assert history[:2] == old["history"]
+    assert history[2]["train_loss"] < old["history"][0]["train_loss"]
+    resumed = torch.load(tmp_path / train.LAST_CHECKPOINT, weights_only=True)
+    assert resumed["format"] == run.CHECKPOINT_FORMAT and resumed["epoch"] == 3
 
 
 def test_training_without_validation_monitors_the_training_loss(folder, datasets, tmp_path, capsys):
@@ -289,8 +339,11 @@ def test_truncated_and_unknown_checkpoints_name_the_file_and_what_to_do(folder, 
     assert last in message and train.BEST_CHECKPOINT in message and "start again" in message
 
     checkpoint = torch.load(os.path.join(run_dir, train.BEST_CHECKPOINT), weights_only=True)
-    train.save_checkpoint({**checkpoint, "format": "rholearn.checkpoint/99"}, last)
-    with pytest.raises(ValueError, match="has format 'rholearn.checkpoint/99', this rholearn"):
+    train.save_checkpoint({**checkpoint, "format": 99}, last)
+    with pytest.raises(ValueError, match=r"has format 99 \(written by a newer rholearn\), this"):
+        train.load_checkpoint(last, make_model(folder))
+    train.save_checkpoint({**checkpoint, "format": 1}, last)
+    with pytest.raises(ValueError, match=r"has format 1, this rholearn reads formats \[2, 3\]"):
         train.load_checkpoint(last, make_model(folder))
     # the best weights are usable, but cannot resume a run (no optimizer state)
     train.load_checkpoint(os.path.join(run_dir, train.BEST_CHECKPOINT), make_model(folder))
@@ -307,8 +360,20 @@ def test_stale_temporary_files_of_a_killed_run_are_removed(folder, datasets, tmp
     stale = [run_dir / ".tmp-999999-checkpoint_last.pt", run_dir / "descriptors" / ".tmp-1-0.mts"]
     for path in stale:
         path.write_bytes(b"partial")
+    # a symlinked subfolder, a symlink named .tmp-*, a subfolder that is not the run's own:
+    # what they hold is not the run's
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (run_dir / "other").mkdir()
+    kept = [outside / ".tmp-1-mine.txt", outside / "file.txt", run_dir / "other" / ".tmp-3-x"]
+    for path in kept:
+        path.write_text("mine")
+    (run_dir / "linked").symlink_to(outside)
+    (run_dir / ".tmp-2-link").symlink_to(outside / "file.txt")
     train.train(make_model(folder), CoefficientLoss(), *datasets, options(epochs=1), str(run_dir))
     assert not any(path.exists() for path in stale)
+    assert all(path.read_text() == "mine" for path in kept)
+    assert not os.path.lexists(run_dir / ".tmp-2-link")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

@@ -38,6 +38,9 @@ def test_map_has_names_axes_and_atom_errors(tmp_path):
     assert data["settings"]["map"]["x"]["property"] == "relative_l2_percent"
     assert data["settings"]["map"]["y"]["property"] == "l1_vs_ri_percent"
     assert len(data["environments"]) == 5
+    for name, entry in properties.items():  # every property says what it is
+        assert len(entry.get("description", "")) > 10, name
+    assert "non-negative" in properties["atom_error_share_percent"]["description"]
 
 
 def test_atom_values_must_match_atoms(tmp_path):

@@ -10,6 +10,7 @@ import ase.io
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from rhocalc.batch import run_batch
 from rhocalc.pyscf import PySCFOptions, basis_set, compute_targets
@@ -20,6 +21,8 @@ from rhocalc.pyscf.realspace import read_cube
 from rhocalc.structures import distorted_waters
 from rholearn import cli, layout, workflow
 from rholearn.models import DensityModel
+from rholearn.options import from_dict, to_dict
+from rholearn.run import RunFolder
 from rholearn.train import TrainOptions
 
 OPTIONS = PySCFOptions(xc="PBE", basis="def2-svp", auxbasis="def2-universal-jkfit")
@@ -49,10 +52,16 @@ def fitted(dataset, tmp_path_factory):
 
 def test_fit_writes_a_reproducible_run(fitted, dataset):
     run = fitted.run_dir
-    for name in (workflow.MODEL_FILE, workflow.SPLIT_FILE, workflow.FIT_FILE, "log.csv"):
+    for name in (workflow.MODEL_FILE, workflow.SPLIT_FILE, workflow.OPTIONS_FILE, "log.csv"):
         assert os.path.exists(os.path.join(run, name)), name
-    with open(os.path.join(run, workflow.FIT_FILE)) as f:
-        assert json.load(f)["dataset"] == os.path.abspath(dataset)
+    assert not any(os.path.exists(os.path.join(run, name)) for name in ("fit.json", "options.json"))
+    # the Python API writes the one options record too, and the resume hint names it
+    with open(os.path.join(run, workflow.OPTIONS_FILE)) as f:
+        recorded = yaml.safe_load(f)
+    assert recorded.pop("dataset") == os.path.abspath(dataset) and recorded.pop("run") == run
+    assert to_dict(from_dict(workflow.FitOptions, recorded)) == recorded
+    assert recorded["model"] == "linear" and recorded["train"]["optimizer"] == "lbfgs"
+    assert os.path.join(run, workflow.OPTIONS_FILE) in RunFolder(run).resume_hint()
     split = fitted.split
     assert (len(split["train"]), len(split["val"]), len(split["test"])) == (8, 2, 2)
     assert not set(split["train"]) & set(split["test"])
@@ -109,17 +118,22 @@ def test_predicted_density_has_the_right_electron_count(fitted, tmp_path):
 
 
 def test_a_run_folder_is_never_shared_by_two_datasets_or_splits(fitted, dataset, tmp_path):
-    options = workflow.FitOptions(n_train=8, n_val=2, n_test=2, split_seed=1,
-                                  train=TrainOptions(epochs=1, verbose=False))
+    recorded = {key: value for key, value in RunFolder(fitted.run_dir).options().items()
+                if key not in ("dataset", "run")}
+    options = from_dict(workflow.FitOptions, {**recorded, "split_seed": 1})
     # the same run folder with another split: refused, nothing overwritten
     with open(os.path.join(fitted.run_dir, workflow.SPLIT_FILE)) as f:
         before = f.read()
-    with pytest.raises(FileExistsError, match="already holds a training run"):
+    with open(os.path.join(fitted.run_dir, workflow.OPTIONS_FILE)) as f:
+        options_before = f.read()
+    with pytest.raises(FileExistsError, match="already holds a run"):
         workflow.fit(dataset, fitted.run_dir, options)
-    with pytest.raises(ValueError, match="another options, split"):
+    with pytest.raises(ValueError, match=r"other options \(split_seed: 0 there, 1 now; recorded"):
         workflow.fit(dataset, fitted.run_dir, options, resume=True)
     with open(os.path.join(fitted.run_dir, workflow.SPLIT_FILE)) as f:
         assert f.read() == before
+    with open(os.path.join(fitted.run_dir, workflow.OPTIONS_FILE)) as f:
+        assert f.read() == options_before
 
 
 def test_evaluate_rejects_empty_or_unfinished_sets(fitted, dataset):
@@ -166,6 +180,8 @@ def test_cli_train_evaluate_predict(dataset, tmp_path, capsys):
     )
     shares = chemiscope_map["properties"]["atom_error_share_percent"]["values"]
     assert len(shares) == 3 * 4 and sum(shares) == pytest.approx(100.0 * 4)
+    assert min(shares) >= 0.0  # each structure's error split into non-negative shares
+    assert all(entry["description"] for entry in chemiscope_map["properties"].values())
     assert os.path.exists(os.path.join(evaluation, "parity.png"))
     for row in rows:  # the predicted coefficients are kept next to the errors
         assert os.path.exists(os.path.join(evaluation, str(row["index"]), "coefficients.mts"))
@@ -174,7 +190,7 @@ def test_cli_train_evaluate_predict(dataset, tmp_path, capsys):
     ase.io.write(structures, distorted_waters(2, seed=5))
     out = str(tmp_path / "predicted")
     assert cli.main(["predict", os.path.join(run, "model.pt"), structures, "--out", out]) == 0
-    assert sorted(os.listdir(out)) == ["water-0", "water-1"]
+    assert sorted(n for n in os.listdir(out) if n != ".lock") == ["water-0", "water-1"]
 
     # an element the model never saw: a clear error, naming structure and element
     ase.io.write(structures, [ase.build.molecule("CH4")])
@@ -198,5 +214,9 @@ def test_fit_on_an_explicit_split(dataset, tmp_path):
     assert result.split == {"train": [0, 3, 5], "val": [7], "test": [1, 2]}
     with open(os.path.join(result.run_dir, workflow.SPLIT_FILE)) as f:
         assert json.load(f) == result.split
-    with pytest.raises(ValueError, match="unknown subsets \\['validation'\\]"):
+    # the run's options name its split.json: rerunning from them uses the same split
+    with open(os.path.join(result.run_dir, workflow.OPTIONS_FILE)) as f:
+        recorded = yaml.safe_load(f)
+    assert recorded["split_file"] == os.path.join(result.run_dir, workflow.SPLIT_FILE)
+    with pytest.raises(ValueError, match="unknown subset 'validation'"):
         workflow.fit(dataset, str(tmp_path / "bad"), options, split={"train": [0], "validation": [1]})
