@@ -191,6 +191,11 @@ def _add_evaluate(commands) -> None:
 def _evaluate(args) -> int:
     run = RunFolder(args.run)
     model = load_model(args.run)
+    with run.locked():  # no training claim or cleanup while the evaluation is written
+        return _write_evaluation(args, run, model)
+
+
+def _write_evaluation(args, run: RunFolder, model: DensityModel) -> int:
     dataset = args.dataset or run.dataset()
     indices = None if args.subset == "all" else run.split()[args.subset]
     out = run.evaluation_dir(args.subset)

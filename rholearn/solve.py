@@ -318,11 +318,18 @@ def solve_linear(
         estimate = distributed.broadcast_object(
             _decomposition_seconds(n_weights, normal) if selection == "cross-validation" else 0.0)
         cv_skipped = None
-        if selection == "cross-validation" and (normal is None or estimate > options.cv_seconds):
-            selection, cv_skipped = "fallback", (
-                f"cross-validation skipped: one fold's eigendecomposition of {n_weights} weights "
-                f"would take about {estimate:.0f} s (budget solve.cv_seconds = {options.cv_seconds:g} s)"
-                if normal is not None else "cross-validation skipped: it needs the dense solver")
+        if selection == "cross-validation" and (
+                n_folds < 2 or normal is None or estimate > options.cv_seconds):
+            selection = "fallback"
+            if n_folds < 2:
+                cv_skipped = "cross-validation skipped: it needs 2 training structures or more"
+            elif normal is None:
+                cv_skipped = "cross-validation skipped: it needs the dense solver"
+            else:
+                cv_skipped = (
+                    f"cross-validation skipped: one fold's eigendecomposition of {n_weights} "
+                    f"weights would take about {estimate:.0f} s (budget solve.cv_seconds = "
+                    f"{options.cv_seconds:g} s)")
             cv_skipped += f"; regularisation {options.fallback_regularisation:g} used"
             warnings.warn(f"{cv_skipped} (give validation structures, or raise the budget)", stacklevel=2)
             grid = [options.fallback_regularisation]

@@ -60,8 +60,10 @@ RESUMABLE_OPTIONS = ("epochs", "verbose", "checkpoint_every", "learning_rate",
 _STATE_KEYS = ("epoch", "best_loss", "best_epoch", "stale_epochs", "history")
 
 DIVERGENCE_FACTOR = 1e3
-"""A training loss this many times that of the first epoch stops training as
-diverged (too large a learning rate): a converging run never climbs that far."""
+"""A training loss that rises above that of the first epoch by this many times its
+size stops training as diverged (too large a learning rate): a converging run never
+climbs that far. The size, not the value: the projection loss is negative near its
+minimum."""
 
 LossFunction = Callable[[Any, Any], torch.Tensor]
 """``loss_fn(prediction, batch) -> scalar``: the loss of a batch, summed over its
@@ -294,10 +296,10 @@ def _train(model, loss_fn, train_data, val_data, options, run, resume, val_sprea
                 f"(the last good weights are in '{run.path}')"
             )
         first = state["history"][0]["train_loss"] if state["history"] else train_loss
-        if train_loss > DIVERGENCE_FACTOR * first:
+        if train_loss - first > DIVERGENCE_FACTOR * abs(first):  # the projection loss is < 0
             raise FloatingPointError(
-                f"epoch {epoch}: training diverged: the training loss {train_loss:.3g} is over "
-                f"{DIVERGENCE_FACTOR:g} times that of epoch 1 ({first:.3g}); lower "
+                f"epoch {epoch}: training diverged: the training loss {train_loss:.3g} rose from "
+                f"that of epoch 1 ({first:.3g}) by over {DIVERGENCE_FACTOR:g} times its size; lower "
                 f"train.learning_rate (now {optimizer.param_groups[0]['lr']:g}) and start "
                 "again (the weights of the best epoch so far are in "
                 f"'{run.file(BEST_CHECKPOINT)}')"

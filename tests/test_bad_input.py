@@ -259,6 +259,16 @@ def evaluate_a_missing_run(tmp, trained):
     return rholearn_cli.main, ["evaluate", str(tmp / "nowhere")], "nowhere"
 
 
+def evaluate_a_run_in_use(tmp, trained):
+    """A training run (or another evaluation) holds the run folder."""
+    run = copied_run(tmp, trained)
+    lock = open(os.path.join(run, ".lock"), "w")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    check = unchanged(run)
+    return (rholearn_cli.main, ["evaluate", run, "--no-real-space"],
+            f"another process is using the run folder '{run}'", lambda: (check(), lock.close()))
+
+
 CASES = [
     missing_structures, out_is_a_file, out_not_writable, overlapping_atoms,
     odd_electrons_without_spin, other_method_after_settings_deleted, unknown_functional,
@@ -268,7 +278,7 @@ CASES = [
     train_into_a_run_in_use, train_into_the_dataset, train_inside_the_dataset,
     train_into_another_dataset, predict_out_is_a_file, predict_into_a_dataset,
     predict_with_a_missing_model, predict_with_a_model_of_another_format,
-    evaluate_a_missing_run,
+    evaluate_a_missing_run, evaluate_a_run_in_use,
 ]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import sys
 from typing import List
 
@@ -84,7 +85,7 @@ def _model_guess(path: str, options, structures: List[ase.Atoms]) -> ModelGuess:
                 f"structure {index} ({structure_name(atoms)}) has element(s) {unseen} the "
                 f"model was not trained on (only {trained})"
             )
-    return ModelGuess(path)
+    return ModelGuess(os.path.abspath(path))  # workers may run in another directory
 
 
 def _covered_basis(auxbasis: str, structures: List[ase.Atoms]) -> BasisSet:

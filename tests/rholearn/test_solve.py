@@ -324,3 +324,13 @@ def test_cross_validation_over_structures_with_different_elements(tmp_path):
                           options=SolveOptions(regularisation=[1e-6, 1e-3, 1e-1]))
     assert record["selection"] == "cross-validation" and record["folds_scored"] == 4
     assert all(row["cv_loss"] > 0 for row in record["grid"])
+
+
+def test_one_training_structure_falls_back_instead_of_cross_validating(folder, descriptors):
+    train_ids = folder.indices[:1]  # no fold to hold out: every strength would score alike
+    model = make_model(folder, train_ids, "kernel", n_references=4)
+    model.net.fit_references(descriptors_of(descriptors, train_ids))
+    with pytest.warns(UserWarning, match="it needs 2 training structures or more"):
+        record = solve_linear(model, loaders(folder, descriptors, train_ids), options=SolveOptions(
+            regularisation=[1e-6, 1e-3], fallback_regularisation=1e-3))
+    assert record["selection"] == "fallback" and record["regularisation"] == 1e-3

@@ -14,7 +14,7 @@ import torch
 
 from rholearn import data, run, train
 from rholearn.dataset import read_dataset
-from rholearn.loss import CoefficientLoss, OverlapLoss
+from rholearn.loss import CoefficientLoss, OverlapLoss, ProjectionLoss
 from rholearn.models import DensityModel
 from rhocalc.batch import run_batch
 from rhocalc.pyscf import basis_set, compute_targets
@@ -279,6 +279,16 @@ def test_checkpoint_writes_are_atomic(tmp_path):
     assert os.listdir(tmp_path) == ["checkpoint.pt"]
     kept = torch.load(path)
     assert kept["epoch"] == 1 and torch.equal(kept["weights"], torch.ones(3))
+
+
+def test_the_negative_projection_loss_trains_every_epoch(folder, descriptors, tmp_path):
+    # its value is negative near the minimum: a falling loss must not read as divergence
+    datasets = split(folder, descriptors, ["projections", "overlap"])
+    history = train.train(make_model(folder), ProjectionLoss(), *datasets,
+                          options(epochs=3, learning_rate=1e-2), str(tmp_path))
+    assert len(history) == 3
+    assert history[0]["train_loss"] < 0
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
 
 
 def test_a_diverging_loss_stops_with_a_clear_error(folder, datasets, tmp_path):
