@@ -276,12 +276,14 @@ def solve_linear(
             raise ValueError("no training structures to solve for")
         systems = sorted({s for share in distributed.gather_objects(  # of every process
             {s for b in train_batches for s in systems_of(b.coefficients).tolist()}) for s in share})
-        selection = "single" if len(grid) == 1 else "validation" if val_batches else "cross-validation"
+        val_batches = list(val_batches or [])
+        has_val = distributed.all_reduce_sum(len(val_batches)) > 0  # one choice for all processes
+        selection = "single" if len(grid) == 1 else "validation" if has_val else "cross-validation"
         n_folds = options.n_folds(len(systems)) if selection == "cross-validation" else 1
         fold_of = _fold_assignment(systems, n_folds)
         train = [chunk for batch in train_batches
                  for chunk in _chunks(model, features, head, blocks, batch, fold_of)]
-        val = [chunk for batch in (val_batches or [])
+        val = [chunk for batch in val_batches
                for chunk in _chunks(model, features, head, blocks, batch, None)]
         seconds["features"] = time.perf_counter() - start
         values = train[0].target.block(0).values

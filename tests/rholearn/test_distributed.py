@@ -104,10 +104,11 @@ def test_two_processes_train_as_one_and_resume_exactly(dataset, tmp_path, optimi
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))  # one process wrote the run
 
 
-@pytest.mark.parametrize("n_val", [0, 2])
+@pytest.mark.parametrize("n_val", [0, 1, 2])
 def test_two_processes_solve_as_one(dataset, tmp_path, n_val):
     """Cross-validated (leave-one-out folds over 8 structures) or chosen on validation
-    structures; the kernel model fits its references from every training structure."""
+    structures (with 1, one process has none); the kernel model fits its references from
+    every training structure."""
     options = workflow.FitOptions(hypers=HYPERS, n_train=8, n_val=n_val, n_test=10 - 8 - n_val,
                                   solve=SolveOptions(regularisation=[1e-8, 1e-5, 1e-2],
                                                      batch_size=1))
