@@ -55,13 +55,11 @@ from ase.data import chemical_symbols
 from metatensor import TensorMap
 from pyscf import dft
 
-from rholearn import layout
 from rholearn.basis import BasisSet
 from rholearn.dataset import structure_name
 
-from . import order
 from .fit import coulomb_matrix
-from .molecule import ao_molecule, aux_molecule
+from .molecule import ao_molecule, aux_coefficients
 from .options import PySCFOptions
 from .scf import make_mean_field
 
@@ -150,10 +148,7 @@ def density_guess(
     basis.check_elements(atoms.get_chemical_symbols(), where)
     start = time.perf_counter()
     molecule = ao_molecule(atoms, options.basis, where)
-    aux = aux_molecule(atoms, basis)
-    if not isinstance(coefficients, np.ndarray):
-        coefficients = layout.tensormap_to_vector(coefficients, atoms.numbers, basis)
-    c = order.vector_to_pyscf(coefficients, aux)
+    aux, c = aux_coefficients(atoms, coefficients, basis)
 
     mean_field = make_mean_field(molecule, options)
     if grid_level is not None:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Tuple, Union
 
 import ase
 import numpy as np
 from pyscf import gto
+from metatensor import TensorMap
 from pyscf.lib.exceptions import BasisNotFoundError
 
+from rholearn import layout
 from rholearn.basis import BasisSet
 from rholearn.dataset import check_positions
 
+from . import order
 from .basis import pyscf_basis
 
 
@@ -120,6 +123,20 @@ def aux_molecule(atoms: ase.Atoms, basis: BasisSet) -> gto.Mole:
     used: the electron count is that of the neutral atoms, with the lowest spin.
     """
     return _neutral_molecule(atoms, pyscf_basis(basis, atoms.get_chemical_symbols()))
+
+
+def aux_coefficients(
+    atoms: ase.Atoms, coefficients: Union[TensorMap, np.ndarray], basis: BasisSet
+) -> Tuple[gto.Mole, np.ndarray]:
+    """The auxiliary molecule of ``atoms`` and ``coefficients`` in its PySCF order.
+
+    ``coefficients`` is a TensorMap in the dataset layout or a vector in the
+    canonical order (:func:`rholearn.layout.tensormap_to_vector`), shape (n_aux,).
+    """
+    if not isinstance(coefficients, np.ndarray):
+        coefficients = layout.tensormap_to_vector(coefficients, atoms.numbers, basis)
+    aux = aux_molecule(atoms, basis)
+    return aux, order.vector_to_pyscf(coefficients, aux)
 
 
 def atoms_molecule(atoms: ase.Atoms) -> gto.Mole:

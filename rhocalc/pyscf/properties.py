@@ -29,11 +29,10 @@ from metatensor import TensorMap
 from pyscf import gto
 from pyscf.data.nist import AU2DEBYE
 
-from rholearn import layout
 from rholearn.basis import BasisSet
 
-from . import order, realspace
-from .molecule import ao_molecule, aux_molecule
+from . import realspace
+from .molecule import ao_molecule, aux_coefficients
 from .options import PySCFOptions
 
 DEBYE = AU2DEBYE
@@ -67,7 +66,7 @@ def dipole_moment(
     numpy.ndarray, shape (3,)
         In e Bohr (atomic units); times :data:`DEBYE` for Debye.
     """
-    aux, c = _aux_and_coefficients(atoms, coefficients, basis)
+    aux, c = aux_coefficients(atoms, coefficients, basis)
     molecule = ao_molecule(atoms, options.basis)
     nuclear = molecule.atom_charges() @ molecule.atom_coords()
     return nuclear - function_moments(aux) @ c
@@ -90,7 +89,7 @@ def electrostatic_potential(
     numpy.ndarray, shape (n,)
         In Hartree / e (atomic units of potential: 27.211... V).
     """
-    aux, c = _aux_and_coefficients(atoms, coefficients, basis)
+    aux, c = aux_coefficients(atoms, coefficients, basis)
     molecule = ao_molecule(atoms, options.basis)
     charges, nuclei = molecule.atom_charges(), molecule.atom_coords()
 
@@ -131,12 +130,3 @@ def function_moments(aux: gto.Mole) -> np.ndarray:
     constant._env[constant._bas[0, gto.PTR_EXP]] = 0.0  # exp(-0 r^2) = 1: a constant
     value = constant.eval_gto("GTOval_sph", np.zeros((1, 3)))[0, 0]
     return gto.intor_cross("int1e_r", constant, aux)[:, 0, :] / value
-
-
-def _aux_and_coefficients(atoms, coefficients, basis):
-    """The auxiliary molecule and the coefficients in its PySCF order."""
-    if not isinstance(coefficients, np.ndarray):
-        coefficients = layout.tensormap_to_vector(coefficients, atoms.numbers, basis)
-    aux = aux_molecule(atoms, basis)
-    return aux, order.vector_to_pyscf(coefficients, aux)
-

@@ -26,11 +26,10 @@ from metatensor import TensorMap
 from pyscf import dft
 from pyscf.data.nist import BOHR
 
-from rholearn import cube, layout
+from rholearn import cube
 from rholearn.basis import BasisSet
 from rholearn.cube import CUBE_MARGIN, cube_grid
-from . import order
-from .molecule import atoms_molecule, aux_molecule
+from .molecule import atoms_molecule, aux_coefficients
 from .scf import total_density_matrix
 
 CHUNK_BYTES = 2**27
@@ -70,10 +69,7 @@ def _density_function(
 ) -> Callable[[np.ndarray], np.ndarray]:
     """``points (Angstrom) -> density`` of :func:`density_at_points`, with the
     molecule and coefficients prepared once."""
-    if not isinstance(coefficients, np.ndarray):
-        coefficients = layout.tensormap_to_vector(coefficients, atoms.numbers, basis)
-    aux = aux_molecule(atoms, basis)
-    pyscf_coefficients = order.vector_to_pyscf(coefficients, aux)
+    aux, pyscf_coefficients = aux_coefficients(atoms, coefficients, basis)
     return lambda points: in_chunks(
         points, aux.nao, lambda bohr: aux.eval_gto("GTOval_sph", bohr) @ pyscf_coefficients
     )
