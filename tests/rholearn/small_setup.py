@@ -1,7 +1,12 @@
 """Cheap settings shared by the data and training tests: HF/sto-3g targets fitted
 onto def2-universal-jfit, and a small lambda-SOAP (Angstrom)."""
 
-from rhocalc.pyscf import PySCFOptions
+import functools
+
+import ase.build
+
+from rhocalc.batch import run_batch
+from rhocalc.pyscf import PySCFOptions, basis_set, compute_targets
 
 OPTIONS = PySCFOptions(xc="HF", basis="sto-3g", auxbasis="def2-universal-jfit", grid_level=0)
 HYPERS = {
@@ -11,3 +16,16 @@ HYPERS = {
         "type": "TensorProduct", "max_angular": 2, "radial": {"type": "Gto", "max_radial": 2}
     },
 }
+
+
+def waters_and_methanes(root: str, n: int, methane_every: int, rattle: float) -> str:
+    """A dataset at ``root`` of ``n`` rattled molecules (``rattle`` Angstrom): a methane
+    where ``seed % methane_every == 0``, else a water."""
+    frames = []
+    for seed in range(n):
+        atoms = ase.build.molecule("H2O" if seed % methane_every else "CH4")
+        atoms.rattle(rattle, seed=seed)
+        frames.append(atoms)
+    run_batch(frames, root, functools.partial(compute_targets, options=OPTIONS),
+              basis_set(OPTIONS.auxbasis, ["H", "C", "O"]), progress=False)
+    return root

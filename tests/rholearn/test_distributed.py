@@ -4,18 +4,14 @@ also across a resume) and for the direct solve (the same weights to 1e-10)."""
 
 import csv
 import dataclasses
-import functools
 import json
 import os
 import subprocess
 import sys
 
-import ase.build
 import pytest
 import torch
 
-from rhocalc.batch import run_batch
-from rhocalc.pyscf import basis_set, compute_targets
 from rholearn import workflow
 from rholearn.distributed import ShardedBatchSampler, _environment
 from rholearn.models import DensityModel
@@ -23,7 +19,7 @@ from rholearn.options import to_dict, write_yaml
 from rholearn.solve import SolveOptions
 from rholearn.train import TrainOptions
 
-from small_setup import HYPERS, OPTIONS
+from small_setup import HYPERS, waters_and_methanes
 
 ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": "1"}
 
@@ -31,16 +27,7 @@ ENVIRONMENT = {**os.environ, "OMP_NUM_THREADS": "1"}
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """Ten rattled waters and methanes."""
-    frames = []
-    for seed in range(10):
-        atoms = ase.build.molecule("H2O" if seed % 3 else "CH4")
-        atoms.rattle(0.1, seed=seed)
-        frames.append(atoms)
-    root = str(tmp_path_factory.mktemp("dataset"))
-    basis = basis_set(OPTIONS.auxbasis, ["H", "C", "O"])
-    run_batch(frames, root, functools.partial(compute_targets, options=OPTIONS), basis,
-              progress=False)
-    return root
+    return waters_and_methanes(str(tmp_path_factory.mktemp("dataset")), 10, 3, 0.1)
 
 
 def rholearn_train(dataset, run_dir, options, processes, *flags):

@@ -19,7 +19,7 @@ from rhocalc.batch import run_batch
 from rhocalc.pyscf import basis_set, compute_targets
 from rhocalc.structures import distorted_waters
 
-from small_setup import HYPERS, OPTIONS
+from small_setup import HYPERS, OPTIONS, waters_and_methanes
 
 
 @pytest.fixture(scope="module")
@@ -306,17 +306,7 @@ def test_fit_without_validation_structures_cross_validates(folder, tmp_path):
 
 def test_cross_validation_over_structures_with_different_elements(tmp_path):
     """Folds cut batches of waters and methanes: a fold's share lacks some elements."""
-    import ase.build
-
-    frames = []
-    for seed in range(4):
-        atoms = ase.build.molecule("H2O" if seed % 2 else "CH4")
-        atoms.rattle(0.05, seed=seed)
-        frames.append(atoms)
-    root = str(tmp_path / "mixed")
-    run_batch(frames, root, functools.partial(compute_targets, options=OPTIONS),
-              basis_set(OPTIONS.auxbasis, ["H", "C", "O"]), progress=False)
-    mixed = read_dataset(root)
+    mixed = read_dataset(waters_and_methanes(str(tmp_path / "mixed"), 4, 2, 0.05))
     descriptors = DensityModel(mixed.basis, HYPERS).descriptor.compute(mixed.frames, mixed.indices)
     model = make_model(mixed, mixed.indices, "kernel", n_references=2)
     model.net.fit_references(descriptors)
