@@ -36,7 +36,7 @@ import os
 import sys
 import threading
 import time
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import ase
 import tqdm
@@ -53,6 +53,10 @@ Compute = Callable[..., Targets]
 """``compute(atoms, system=index) -> Targets``; must be picklable for parallel runs."""
 
 _POLL_SECONDS = 0.1
+_MAX_POLL_SECONDS = 5.0
+"""Polling of jobs that are not ``concurrent.futures`` futures (submitit's) starts every
+``_POLL_SECONDS`` and backs off to this while none finishes: each poll of a SLURM job
+may query the scheduler."""
 _PARENT_POLL_SECONDS = 0.5
 _ARRAY_SIZE = 1000
 """Structures per submitit job array (SLURM's default ``MaxArraySize`` is 1001)."""
@@ -260,32 +264,69 @@ def _outcomes(
         with pool:
             yield from _outcomes(structures, todo, compute, pool, n_workers)
         return
-    pending = []
-    batch = getattr(executor, "batch", None)  # submitit: submit job arrays, not single jobs
-    for start in range(0, len(todo), _ARRAY_SIZE):
-        with contextlib.nullcontext() if batch is None else batch():
-            pending += [
-                (index, executor.submit(_compute_or_failure, compute, structures[index], index))
-                for index in todo[start : start + _ARRAY_SIZE]
-            ]
+    pending: List[Tuple[int, Any]] = []
     try:
+        _submit(structures, todo, compute, executor, pending)
         yield from _as_completed(structures, pending)
-    finally:  # also on KeyboardInterrupt: don't leave queued work behind
+    finally:  # also on KeyboardInterrupt, even during submission: leave no queued work behind
         for _, future in pending:
             if not future.done():
                 future.cancel()
 
 
+def _submit(
+    structures: Sequence[ase.Atoms],
+    todo: List[int],
+    compute: Compute,
+    executor: concurrent.futures.Executor,
+    pending: List[Tuple[int, Any]],
+) -> None:
+    """Submit every index of ``todo``, appending ``(index, future)`` to ``pending`` as
+    soon as it is submitted, so that an interrupted submission cancels what it submitted.
+
+    A submitit executor gets job arrays of at most :data:`_ARRAY_SIZE` structures
+    (its ``batch()``), each submitted when its block ends (dropped if interrupted).
+    """
+    batch = getattr(executor, "batch", None)
+    for start in range(0, len(todo), _ARRAY_SIZE):
+        chunk = todo[start : start + _ARRAY_SIZE]
+        if batch is None:
+            for index in chunk:
+                pending.append(
+                    (index, executor.submit(_compute_or_failure, compute, structures[index], index))
+                )
+            continue
+        jobs = []
+        with batch():
+            for index in chunk:
+                jobs.append(
+                    (index, executor.submit(_compute_or_failure, compute, structures[index], index))
+                )
+        pending += jobs  # real jobs once the array is submitted
+
+
 def _as_completed(structures, pending) -> Iterator[Tuple[int, Union[Targets, Failure]]]:
-    """Poll ``done()``: unlike ``concurrent.futures.as_completed`` this also
-    accepts job objects that are not ``concurrent.futures.Future`` (submitit)."""
+    """``(index, outcome)`` of ``pending`` as they finish: ``concurrent.futures``
+    futures (process pool, dask's executor) are waited for; other jobs (submitit's)
+    are polled with ``done()``, less often while none finishes (up to
+    :data:`_MAX_POLL_SECONDS`)."""
+    delay = _POLL_SECONDS
     while pending:
+        futures = [future for _, future in pending]
+        waitable = all(isinstance(future, concurrent.futures.Future) for future in futures)
+        if waitable:
+            concurrent.futures.wait(
+                futures, timeout=_MAX_POLL_SECONDS, return_when=concurrent.futures.FIRST_COMPLETED
+            )
         finished, running = [], []
         for index, future in pending:
             (finished if future.done() else running).append((index, future))
         pending = running
-        if not finished:
-            time.sleep(_POLL_SECONDS)
+        if finished:
+            delay = _POLL_SECONDS
+        elif not waitable:
+            time.sleep(delay)
+            delay = min(2 * delay, _MAX_POLL_SECONDS)
         for index, future in finished:
             try:
                 yield index, future.result()

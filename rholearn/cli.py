@@ -3,7 +3,7 @@
     rholearn defaults > options.yaml                 every training option, with its default
     rholearn train options.yaml [-r train.epochs=20] [--model kernel] ...
     rholearn train DATASET [--run RUN] [--n-train N] ...   (default RUN: runs/DATE/TIME)
-    rholearn train RUN/options.yaml --resume          continue a run (or --overwrite)
+    rholearn train RUN --resume                       continue a run (or --overwrite)
     rholearn evaluate RUN [--dataset DATASET] [--subset test]
     rholearn predict RUN STRUCTURES [--out DIR] [--index 0,4,7] [--cube --spacing 0.1]
     rholearn export RUN [--out model-atomistic.pt]
@@ -21,6 +21,7 @@ resume).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -138,7 +139,9 @@ def read_train_options(args) -> Tuple[str, Optional[str], "workflow.FitOptions"]
     defaults. Every problem is raised before any work starts, naming the option or file.
     """
     data: dict = {}
-    if args.source and os.path.isdir(args.source):
+    if args.source and os.path.isfile(os.path.join(args.source, OPTIONS_FILE)):
+        data = _run_folder_options(args.source, args.resume or args.overwrite)
+    elif args.source and os.path.isdir(args.source):
         data["dataset"] = args.source
     elif args.source:
         data = read_yaml(args.source)
@@ -160,9 +163,22 @@ def read_train_options(args) -> Tuple[str, Optional[str], "workflow.FitOptions"]
         raise FileNotFoundError(f"no such dataset folder: '{run_keys['dataset']}'")
     if (args.resume or args.overwrite) and run_keys["run"] is None:
         flag = "--resume" if args.resume else "--overwrite"
-        raise OptionsError(f"{flag} needs the run folder: --run RUN, or RUN/{OPTIONS_FILE}")
+        raise OptionsError(f"{flag} needs the run folder: rholearn train RUN {flag} "
+                           f"(or --run RUN, or RUN/{OPTIONS_FILE})")
     options = from_dict(workflow.FitOptions, data)
     return run_keys["dataset"], run_keys["run"], options
+
+
+def _run_folder_options(run: str, resumed: bool) -> dict:
+    """The options recorded in the run folder ``run`` (given where a dataset or options
+    file is expected), with ``run`` as the run folder; only to resume or overwrite it."""
+    if not resumed:
+        raise OptionsError(
+            f"'{run}' is a run folder, not a dataset: continue it with `rholearn train {run} "
+            f"--resume`, start it again with `rholearn train {run} --overwrite`, or repeat it "
+            f"in another folder with `rholearn train {os.path.join(run, OPTIONS_FILE)} --run NEW`"
+        )
+    return {**read_yaml(os.path.join(run, OPTIONS_FILE)), "run": run}
 
 
 def _train(args) -> int:
@@ -223,8 +239,9 @@ def _write_evaluation(args, run: RunFolder, model: DensityModel) -> int:
                              loss=run.options().get("loss", "overlap"))
     for name, value in summary.items():
         print(f"{name:<24s} {value:.4f}" if isinstance(value, float) else f"{name:<24s} {value}")
+    predicted = "coefficients" if model.target == "density" else f"{model.target} (a.u.)"
     print(f"results in {out}: {ERRORS_FILE}, {CHEMISCOPE_FILE}, {PARITY_PLOT}, "
-          "predicted coefficients per structure")
+          f"predicted {predicted} per structure")
     return 0
 
 
@@ -249,6 +266,9 @@ def _add_export(commands) -> None:
                         help="author recorded in the model's metadata (repeatable)")
     parser.add_argument("--dtype", choices=["float64", "float32"], default=None,
                         help="precision of the exported model (default: the model's)")
+    parser.add_argument("--expansion", choices=["torch", "featomic"], default=None,
+                        help="spherical expansion of a contracted descriptor in the export "
+                        "(default: the model's); torch: no featomic extension needed")
     parser.set_defaults(handler=_export)
 
 
@@ -258,8 +278,10 @@ def _export(args) -> int:
         model = model.to(dtype=getattr(torch, args.dtype))
     folder = args.run if os.path.isdir(args.run) else os.path.dirname(args.run)
     out = args.out or os.path.join(folder, EXPORTED_FILE)
-    extensions = export_atomistic(model, out, extensions=args.extensions, authors=args.author)
-    print(f"exported {out} (output '{OUTPUT_NAME}') and its extensions in {extensions}; load "
+    extensions = export_atomistic(model, out, extensions=args.extensions, authors=args.author,
+                                  expansion=args.expansion)
+    output = OUTPUT_NAME if model.target == "density" else f"rholearn::{model.target}"
+    print(f"exported {out} (output '{output}') and its extensions in {extensions}; load "
           f"with metatomic.torch.load_atomistic_model('{out}', "
           f"extensions_directory='{extensions}')")
     return 0
@@ -301,6 +323,11 @@ def _predict(args) -> int:
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename,
                                  warning.lineno)
+    if model.target != "density":  # the Cartesian tensors, atomic units
+        for folder in folders:
+            with open(os.path.join(folder, workflow.PREDICTION_INFO_FILE)) as f:
+                values = json.load(f)[f"{model.target}_au"]
+            print(f"{os.path.basename(folder)}: {model.target} (a.u.) {values}")
     print(f"predicted {len(folders)} structures into {out}")
     if earlier:
         print(f"replaced the {len(earlier)} earlier prediction folder(s) in {out}")

@@ -24,16 +24,18 @@ import torch
 import metatensor.torch as mts
 from metatensor.learn.data import DataLoader, IndexedDataset, group_and_join
 
-from . import layout
+from . import layout, tensors
 from .basis import BasisSet
-from .dataset import DatasetFolder, existing_file
+from .dataset import PROPERTY_FILES, DatasetFolder, existing_file
 
 TARGET_FILES = {
     "coefficients": layout.COEFFICIENTS_FILE,
     "projections": layout.PROJECTIONS_FILE,
     "overlap": layout.OVERLAP_FILE,
+    **PROPERTY_FILES,
 }
-"""Name of each target field of a dataset -> its file in a structure folder."""
+"""Name of each target field of a dataset -> its file in a structure folder (the
+molecular tensors ``dipole`` and ``polarizability``: :data:`rholearn.dataset.PROPERTY_FILES`)."""
 
 Descriptors = Union[Callable[[int], mts.TensorMap], mts.TensorMap]
 """Descriptors of a dataset: ``index -> TensorMap`` (lazy), or one TensorMap holding
@@ -113,14 +115,28 @@ def check_complete(tensor: mts.TensorMap, numbers: Sequence[int], basis: BasisSe
     drop pairs of distant atoms, but every atom's pair with itself must be there,
     and a pair that is there must be in every block of its two elements, in both
     orders: otherwise the matrix is not the overlap, and losses in its metric
-    can be negative.
+    can be negative. A molecular tensor (keys ``o3_lambda, o3_sigma``,
+    :mod:`rholearn.tensors`) must have one sample, the structure, in every block
+    (which ``o3_lambda`` blocks a dipole or polarisability has:
+    :class:`rholearn.reduction.StructureTensor`).
     """
+    if tensor.keys.names == tensors.KEY_NAMES:
+        _check_structure_blocks(tensor, where)
+        return
     symbols = [ase.data.chemical_symbols[int(z)] for z in numbers]
     expected = {(l, z) for l, _, z in basis.keys(symbols)}
     if tensor.keys.names == layout.KEY_NAMES:
         _check_atom_blocks(tensor, numbers, expected, where)
     else:
         _check_pair_blocks(tensor, numbers, expected, where)
+
+
+def _check_structure_blocks(tensor, where: str) -> None:
+    for key, block in tensor.items():
+        if len(block.samples) != 1:
+            raise ValueError(f"{where}: block o3_lambda={int(key['o3_lambda'])} holds "
+                             f"{len(block.samples)} samples, a molecular tensor one (the "
+                             "structure)")
 
 
 def _check_atom_blocks(tensor, numbers, expected, where: str) -> None:
@@ -247,7 +263,8 @@ def make_dataset(
         :class:`StructureDescriptors`), or one precomputed TensorMap with the
         samples of all ``indices`` in its ``system`` dimension.
     targets : sequence of str
-        Which of ``"coefficients"``, ``"projections"``, ``"overlap"`` to load.
+        Which of :data:`TARGET_FILES` to load (``"coefficients"``, ``"projections"``,
+        ``"overlap"``, ``"dipole"``, ``"polarizability"``).
     dtype, device
         Of every TensorMap the dataset returns.
 

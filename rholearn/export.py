@@ -8,21 +8,27 @@ samples ``system, atom``, component ``o3_mu``, properties ``n``). The auxiliary
 basis those coefficients refer to is stored as JSON in the model's metadata
 (``metadata().extra["basis"]``), next to the file format.
 
-The descriptor runs featomic's TorchScript extension, a compiled library. The
-export copies it (and its own dependencies) into an extensions folder, as
-``mtt export`` does, so that a process that imports neither rholearn nor featomic
-loads the model::
+A descriptor that runs featomic (the stock lambda-SOAP, or the contracted one with
+featomic's spherical expansion, the default on the CPU) needs featomic's TorchScript
+extension, a compiled library. The export copies it (and its own dependencies) into
+an extensions folder, as ``mtt export`` does, so that a process that imports neither
+rholearn nor featomic loads the model::
 
     from metatomic.torch import load_atomistic_model
     model = load_atomistic_model("model-atomistic.pt", extensions_directory="extensions")
 
-The libraries are those of this machine's platform and torch version.
+The libraries are those of this machine's platform and torch version. A contracted
+descriptor with the pure-torch expansion (``descriptor_options: {expansion: torch}``)
+needs no extension: its export records none, even when featomic is loaded in the
+exporting process, and loads where featomic is not installed. ``expansion="torch"``
+exports any contracted model so.
 """
 
+import contextlib
 import json
 import os
 import shutil
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import ase.data
 import metatensor.torch as mts
@@ -37,11 +43,19 @@ from metatomic.torch import (
 )
 
 from . import __version__
+from .descriptors.contracted import ContractedLambdaSoapModule
+from .descriptors.expansion import make_expansion
 from .files import atomic_path, remove_orphans
 from .models.density_model import DensityModel
+from .kinds import target_kind
+from .reduction import SumOverAtoms
 
 OUTPUT_NAME = "rholearn::density_coefficients"
 """Name of the output of exported models (metatomic's ``<domain>::<output>`` form)."""
+
+TENSOR_UNITS = {"dipole": "e*Bohr", "polarizability": "e^2*Bohr^2/Hartree"}
+"""Units of the output ``rholearn::<target>`` of a molecular-tensor model (one
+TensorMap per system, :mod:`rholearn.tensors` layout; atomic units)."""
 
 OUTPUT_UNIT = "e/Bohr^3"
 """Unit of the output: the coefficients expand a density in electrons / Bohr^3 on
@@ -84,13 +98,23 @@ class AtomisticDensity(torch.nn.Module):
     Parameters
     ----------
     pipeline : torch.nn.Module
-        ``List[System] -> TensorMap`` of coefficients (:meth:`DensityModel.pipeline`).
+        ``List[System] -> TensorMap`` of per-atom outputs (:meth:`DensityModel.pipeline`
+        with ``reduce=False``).
+    output_name : str
+        The output it computes.
+    lambdas : list of int, optional
+        For a molecular tensor (:mod:`rholearn.kinds`): its ``o3_lambda``; the per-atom
+        contributions of the selected atoms are summed over each system
+        (:class:`rholearn.reduction.SumOverAtoms`).
     """
 
-    def __init__(self, pipeline: torch.nn.Module):
+    def __init__(self, pipeline: torch.nn.Module, output_name: str = OUTPUT_NAME,
+                 lambdas: Optional[List[int]] = None):
         super().__init__()
         self.pipeline = pipeline
-        self.output_name = OUTPUT_NAME  # TorchScript reads no global strings
+        self.output_name = output_name  # TorchScript reads no global strings
+        self.reduce = lambdas is not None
+        self.reduction = SumOverAtoms(lambdas or [])
 
     def forward(
         self,
@@ -103,6 +127,8 @@ class AtomisticDensity(torch.nn.Module):
         coefficients = self.pipeline(systems)
         if selected_atoms is not None:
             coefficients = mts.slice(coefficients, axis="samples", selection=selected_atoms)
+        if self.reduce:
+            coefficients = self.reduction(coefficients)
         return {self.output_name: coefficients}
 
 
@@ -112,6 +138,7 @@ def export_atomistic(
     extensions: Optional[str] = None,
     authors: Sequence[str] = (),
     name: Optional[str] = None,
+    expansion: Optional[str] = None,
 ) -> str:
     """Write ``model`` as a metatomic ``AtomisticModel`` file and its extensions.
 
@@ -129,6 +156,11 @@ def export_atomistic(
         Recorded in the model's metadata.
     name : str, optional
         Model name in the metadata; default names the model kind, basis and elements.
+    expansion : {"torch", "featomic"}, optional
+        Who computes the spherical expansion of a contracted descriptor in the
+        exported model; default the model's own. ``"torch"`` exports a model that needs
+        no featomic extension (and computes the expansion on the engine's device);
+        its values equal featomic's to about 1e-13 (Gaussian density, GTO basis only).
 
     Returns
     -------
@@ -140,6 +172,8 @@ def export_atomistic(
     OSError
         The file or folder cannot be written (full disk, no permission), naming it;
         nothing is left at ``path`` but a previous complete export.
+    ValueError
+        ``expansion`` for a stock descriptor, or ``"torch"`` for hypers it does not support.
 
     Notes
     -----
@@ -155,15 +189,18 @@ def export_atomistic(
     if extensions is None:
         extensions = os.path.join(os.path.dirname(os.path.abspath(path)), EXTENSIONS_FOLDER)
     elements = " ".join(ase.data.chemical_symbols[z] for z in model.atom_types)
+    kind = target_kind(model.target)
+    output_name = f"rholearn::{kind.name}" if kind.is_tensor else OUTPUT_NAME
+    what = (f"the {kind.name} (atomic units, {TENSOR_UNITS.get(kind.name)}) of each system as a "
+            "sum of per-atom contributions, layout of rholearn.tensors" if kind.is_tensor else
+            f"electron density coefficients per atom in the auxiliary basis "
+            f"'{model.basis.name}' (metadata extra['basis']), layout of rholearn.layout")
     capabilities = ModelCapabilities(
         outputs={
-            OUTPUT_NAME: ModelOutput(
-                unit=OUTPUT_UNIT,
-                sample_kind="atom",
-                description=(
-                    f"electron density coefficients per atom in the auxiliary basis "
-                    f"'{model.basis.name}' (metadata extra['basis']), layout of rholearn.layout"
-                ),
+            output_name: ModelOutput(
+                unit=TENSOR_UNITS.get(kind.name, OUTPUT_UNIT),
+                sample_kind="system" if kind.is_tensor else "atom",
+                description=what,
             )
         },
         atomic_types=list(model.atom_types),
@@ -173,11 +210,12 @@ def export_atomistic(
         dtype=str(model.dtype).replace("torch.", ""),
     )
     metadata = ModelMetadata(
-        name=name or f"rholearn {model.model_type} density model ({model.basis.name}; {elements})",
+        name=name or f"rholearn {model.model_type} {kind.name} model ({model.basis.name}; {elements})",
         description=(
-            f"Electron density of molecules and materials of {elements} as coefficients of "
-            f"the auxiliary basis '{model.basis.name}' (electrons / Bohr^3 on normalised "
-            f"functions), from a {model.model_type} model on the {model.descriptor_kind} "
+            (f"Molecules of {elements}: {what}" if kind.is_tensor else
+             f"Electron density of molecules and materials of {elements} as coefficients of "
+             f"the auxiliary basis '{model.basis.name}' (electrons / Bohr^3 on normalised "
+             "functions)") + f", from a {model.model_type} model on the {model.descriptor_kind} "
             f"lambda-SOAP (cutoff {float(model.hypers['cutoff']['radius']):g} Angstrom); "
             f"trained and exported with rholearn {__version__}."
         ),
@@ -185,12 +223,60 @@ def export_atomistic(
         references={key: list(value) for key, value in REFERENCES.items()},
         extra={"format": EXPORT_FORMAT, "basis": json.dumps(model.basis.to_dict())},
     )
-    atomistic = AtomisticModel(AtomisticDensity(model.pipeline()).eval(), metadata, capabilities)
-    remove_orphans(path)
-    _check_extensions_folder(extensions)
-    with atomic_path(path) as tmp:
-        _save(atomistic, tmp, extensions, path)
+    with _expansion(model, expansion):
+        module = AtomisticDensity(model.pipeline(reduce=False), output_name,
+                                  list(kind.lambdas) if kind.is_tensor else None)
+        atomistic = AtomisticModel(module.eval(), metadata, capabilities)
+        remove_orphans(path)
+        _check_extensions_folder(extensions)
+        with atomic_path(path) as tmp, _hidden_libraries(_unused_featomic(atomistic)):
+            _save(atomistic, tmp, extensions, path)
     return extensions
+
+
+@contextlib.contextmanager
+def _expansion(model: DensityModel, kind: Optional[str]) -> Iterator[None]:
+    """The model's contracted descriptor computes its spherical expansion with ``kind``
+    (``"torch"`` or ``"featomic"``, None: unchanged) meanwhile."""
+    if kind is None:
+        yield
+        return
+    if kind not in ("torch", "featomic"):
+        raise ValueError(f"unknown expansion '{kind}', expected 'torch' or 'featomic'")
+    descriptor = model.descriptor
+    module = descriptor.module
+    if not isinstance(module, ContractedLambdaSoapModule):
+        raise ValueError(f"expansion '{kind}' needs a contracted descriptor, this model's "
+                         f"is '{model.descriptor_kind}'")
+    original = module.expansion
+    module.expansion = make_expansion(
+        kind, descriptor.hypers, descriptor.atom_types, descriptor.dtype
+    ).to(descriptor.device)
+    try:
+        yield
+    finally:
+        module.expansion = original
+
+
+def _unused_featomic(atomistic: torch.nn.Module) -> List[str]:
+    """featomic's TorchScript libraries loaded in this process, where no module of
+    ``atomistic`` is featomic's (they hold all its TorchScript classes); else none."""
+    if any(type(module).__module__.split(".")[0] == "featomic" for module in atomistic.modules()):
+        return []
+    return [library for library in torch.ops.loaded_libraries
+            if "featomic" in os.path.basename(library)]
+
+
+@contextlib.contextmanager
+def _hidden_libraries(libraries: List[str]) -> Iterator[None]:
+    """metatomic records every TorchScript library loaded in the process as needed by
+    the model it saves: hide ``libraries`` from it meanwhile."""
+    loaded = torch.ops.loaded_libraries
+    loaded.difference_update(libraries)
+    try:
+        yield
+    finally:
+        loaded.update(libraries)
 
 
 def _check_extensions_folder(extensions: str) -> None:

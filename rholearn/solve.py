@@ -43,10 +43,16 @@ cross-validation (leave-one-structure-out up to ``loo_max`` structures): for
 each fold, one eigendecomposition ``H - H_f = U diag(l) U^T`` gives
 ``theta(alpha) = U (U^T (g - g_f)) / (l + alpha)`` for every strength at the cost of
 two matrix products; the strength with the lowest summed held-out loss is kept
-and the weights are solved again on all training structures. Folds are scored
-until the time budget ``cv_seconds`` is spent; when one fold alone would exceed it
-(estimated from a small decomposition timed at run time), or the matrix-free
-solver is needed, ``fallback_regularisation`` is used with a warning. With validation
+and the weights are solved again on all training structures. When the ``k``
+eigendecompositions of all ``P`` weights would not fit in the time budget
+``cv_seconds`` (estimated from a small decomposition timed at run time), or
+the matrix-free solver is needed, the folds are scored on the **leading
+features** of every block instead: the same fraction of each block's features,
+sized so that they fit (a kernel model's features come by decreasing eigenvalue
+of its references' kernel, so this is the same model with fewer principal
+directions); the chosen absolute ``alpha`` is then used for the solve with all
+weights. Folds are scored until the budget is spent; with one training structure,
+``fallback_regularisation`` is used with a warning. With validation
 structures, the lowest validation loss wins instead (no cross-validation). A
 choice at either end of the grid is warned about.
 
@@ -110,13 +116,13 @@ class SolveOptions:
     loo_max : int
         Largest training set cross-validated leave-one-structure-out by default.
     cv_seconds : float
-        Time budget of the cross-validation: folds are scored one after another
-        until it is spent (at least one, all when they fit; the record says how
-        many). When even one fold's eigendecomposition is estimated to take longer
-        (or the solver is ``"cg"``), no cross-validation is run and
-        ``fallback_regularisation`` is used, with a warning.
+        Time budget of the cross-validation. When its eigendecompositions of all
+        weights are estimated to take longer (or the solver is ``"cg"``), the folds
+        are scored on the leading features of every block, as many as fit (the
+        record's ``cv_weights``); folds are scored one after another until the
+        budget is spent (at least one; the record says how many).
     fallback_regularisation : float
-        The strength used when cross-validation is skipped.
+        The strength used when cross-validation is impossible (one training structure).
     cg_tolerance : float
         Conjugate gradients stop when the residual norm falls below this
         fraction of ``|g|``.
@@ -252,7 +258,8 @@ def solve_linear(
         ``n_val``; ``selection`` (``"cross-validation"``, ``"validation"``,
         ``"single"`` for a single strength, or ``"fallback"`` with ``cv_skipped``
         saying why) with ``folds`` (structure ids per fold), ``folds_scored`` and
-        ``cv_estimate_seconds`` (estimated time of one fold); ``regularisation``
+        ``cv_estimate_seconds`` (estimated time of one fold with all weights) and
+        ``cv_weights`` (the weights cross-validated); ``regularisation``
         (the chosen relative strength), ``alpha`` (absolute), ``edge`` (``None``,
         or ``"smallest"`` / ``"largest"`` when the choice is at an end of a grid);
         ``grid``: per strength ``cv_loss`` (held-out loss per structure),
@@ -317,29 +324,32 @@ def solve_linear(
         theta = torch.zeros(n_weights, dtype=dtype, device=device)
         n_train = len(systems)
         n_val = int(distributed.all_reduce_sum(sum(len(chunk.systems) for chunk in val)))
-        estimate = distributed.broadcast_object(
-            _decomposition_seconds(n_weights, normal) if selection == "cross-validation" else 0.0)
-        cv_skipped = None
-        if selection == "cross-validation" and (
-                n_folds < 2 or normal is None or estimate > options.cv_seconds):
+        estimate = distributed.broadcast_object(  # one fold's eigendecomposition of P weights
+            _decomposition_seconds(n_weights, dtype, device) if selection == "cross-validation" else 0.0)
+        cv_skipped, cv_blocks = None, blocks
+        if selection == "cross-validation" and n_folds < 2:
             selection = "fallback"
-            if n_folds < 2:
-                cv_skipped = "cross-validation skipped: it needs 2 training structures or more"
-            elif normal is None:
-                cv_skipped = "cross-validation skipped: it needs the dense solver"
-            else:
-                cv_skipped = (
-                    f"cross-validation skipped: one fold's eigendecomposition of {n_weights} "
-                    f"weights would take about {estimate:.0f} s (budget solve.cv_seconds = "
-                    f"{options.cv_seconds:g} s)")
-            cv_skipped += f"; regularisation {options.fallback_regularisation:g} used"
-            warnings.warn(f"{cv_skipped} (give validation structures, or raise the budget)", stacklevel=2)
+            cv_skipped = ("cross-validation skipped: it needs 2 training structures or more; "
+                          f"regularisation {options.fallback_regularisation:g} used")
+            warnings.warn(f"{cv_skipped} (give validation structures)", stacklevel=2)
             grid = [options.fallback_regularisation]
             alphas = [grid[0] * scale]
             rows = [dict(rows[0], regularisation=grid[0], alpha=alphas[0])]
+        elif selection == "cross-validation" and (
+                normal is None or n_folds * estimate > options.cv_seconds):
+            cv_blocks = _leading_blocks(blocks, _cv_size(
+                n_weights, n_folds, estimate, options.cv_seconds, memory, copies, dtype) / n_weights)
         n_scored = 0
         if selection == "cross-validation":
-            held_out = _dense_cross_validation(train, blocks, normal, sums, alphas, options.cv_seconds)
+            cv_train, cv_sums, cv_normal = train, sums, normal
+            if cv_blocks is not blocks:  # the same folds, on the leading features of every block
+                cv_train = [_leading_chunk(chunk, blocks, cv_blocks) for chunk in train]
+                cv_size = sum(block.size for block in cv_blocks)
+                cv_sums = _all_reduce_sums(_fold_sums(cv_train, cv_blocks, n_folds, cv_size))
+                cv_normal = distributed.all_reduce(_normal_matrix(cv_train, cv_blocks, cv_size))
+            held_out = _dense_cross_validation(cv_train, cv_blocks, cv_normal, cv_sums, alphas,
+                                               options.cv_seconds)
+            del cv_normal
             n_scored = len(held_out)
             scored_spread = float(sums.norms[:n_scored].sum())
             for row, loss in zip(rows, held_out.sum(dim=0).tolist()):
@@ -391,6 +401,7 @@ def solve_linear(
         "folds": [[s for s in systems if fold_of[s] == f] for f in range(n_folds)],
         "folds_scored": n_scored,
         "cv_estimate_seconds": estimate,
+        "cv_weights": sum(block.size for block in cv_blocks),
         "cv_skipped": cv_skipped,
         "regularisation": grid[best],
         "alpha": alphas[best],
@@ -740,17 +751,57 @@ class _Spectrum:
         return torch.from_numpy(self._apply_q(self._vectors @ weights.numpy(), transpose=False))
 
 
-def _decomposition_seconds(size: int, normal: Optional[torch.Tensor], probe: int = 600) -> float:
+def _decomposition_seconds(size: int, dtype: torch.dtype, device: torch.device,
+                           probe: int = 600) -> float:
     """Estimated seconds of one :class:`_Spectrum` of ``size`` weights on the CPU: a
-    ``probe``-sized one timed here, scaled by ``(size / probe)^3`` (0 on other devices)."""
-    if normal is None or normal.device.type != "cpu" or size <= probe:
+    ``probe``-sized one timed here, scaled by ``(size / probe)^3`` (0 on other devices,
+    and below the probe's size)."""
+    if device.type != "cpu" or size <= probe:
         return 0.0
     generator = torch.Generator().manual_seed(0)
-    matrix = torch.randn(probe, probe, dtype=normal.dtype, generator=generator)
+    matrix = torch.randn(probe, probe, dtype=dtype, generator=generator)
     matrix = matrix @ matrix.T
     start = time.perf_counter()
     _Spectrum(matrix)
     return (time.perf_counter() - start) * (size / probe) ** 3
+
+
+def _cv_size(n_weights: int, n_folds: int, estimate: float, budget: float, memory: Dict,
+             copies: int, dtype: torch.dtype) -> int:
+    """Weights of a cross-validation whose ``n_folds`` eigendecompositions fit in ``budget``
+    seconds (``estimate``: one of ``n_weights``; the cost grows as the cube) and whose
+    dense matrices fit in the memory the solver may use."""
+    size = n_weights
+    if estimate > 0 and n_folds * estimate > budget:
+        size = n_weights * (budget / (n_folds * estimate)) ** (1 / 3)
+    if memory["allowed_bytes"] > 0:
+        element = torch.empty((), dtype=dtype).element_size()
+        size = min(size, math.sqrt(memory["allowed_bytes"] / (copies * element)))
+    return max(int(size), 1)
+
+
+def _leading_blocks(blocks: List[_Block], fraction: float) -> List[_Block]:
+    """The blocks restricted to their leading ``fraction`` of features (at least one each;
+    a kernel model's features come by decreasing eigenvalue of the references' kernel),
+    packed one after another."""
+    leading, offset = [], 0
+    for block in blocks:
+        n_features = min(block.n_features, max(1, int(fraction * block.n_features)))
+        block = block._replace(n_features=n_features, offset=offset)
+        leading.append(block)
+        offset += block.size
+    return leading
+
+
+def _leading_chunk(chunk: _Chunk, blocks: List[_Block], leading: List[_Block]) -> _Chunk:
+    """``chunk`` with the features of ``leading`` (:func:`_leading_blocks`) only."""
+    features = {}
+    for block, short in zip(blocks, leading):
+        if block.key in chunk.features:
+            values = chunk.features[block.key]
+            kept = values[..., : short.n_features]
+            features[block.key] = torch.cat([kept, values[..., -1:]], dim=-1) if block.bias else kept
+    return chunk._replace(features=features)
 
 
 # ---------------------------------------------------------------- solvers ---

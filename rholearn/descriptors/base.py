@@ -34,7 +34,6 @@ import ase.data
 import metatensor.torch as mts
 import numpy as np
 import torch
-from featomic.torch import SphericalExpansion
 from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import System, systems_to_torch
 
@@ -82,9 +81,13 @@ def check_hypers(hypers: dict, where: str = "hypers") -> None:
                                   or not math.isfinite(value) or value <= 0):
             raise OptionsError(f"option '{where}.{'.'.join(path)}' must be a length > 0 "
                                f"(Angstrom), got {value!r}")
+    # featomic's plain calculator checks the hypers as its TorchScript one does, without
+    # loading the TorchScript extension (which an export would then record)
+    from featomic import SphericalExpansion
+
     try:
         SphericalExpansion(**hypers)
-    except Exception as error:  # featomic raises RuntimeError or ValueError
+    except Exception as error:  # featomic raises FeatomicError or ValueError
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         named = re.search(r"`([^`]*)`|\"([^\"]*)\"|got (\S+)$", message)  # a value, if any
         paths = [path for path, value in _leaves(hypers, where)

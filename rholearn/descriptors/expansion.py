@@ -150,6 +150,7 @@ class TorchExpansion(torch.nn.Module):
         self.max_angular = max_angular
         self.n_radial = max_radial + 1
         self.n_types = len(atom_types)
+        self.atom_types: List[int] = [int(z) for z in atom_types]
         type_index = torch.full((max(atom_types) + 1,), -1, dtype=torch.long)
         type_index[torch.tensor(atom_types)] = torch.arange(len(atom_types))
         self.register_buffer("type_index", type_index)
@@ -191,7 +192,7 @@ class TorchExpansion(torch.nn.Module):
         centres: List[torch.Tensor] = []
         neighbours: List[torch.Tensor] = []
         vectors: List[torch.Tensor] = []
-        types: List[torch.Tensor] = []
+        all_types = self._type_indices(systems)
         offset = 0
         for system in systems:
             first, second, shifts = self._pairs(system)
@@ -200,9 +201,7 @@ class TorchExpansion(torch.nn.Module):
             )
             centres.append(first + offset)
             neighbours.append(second + offset)
-            types.append(system.types)
             offset += len(system)
-        all_types = self.type_index[torch.cat(types).to(torch.long)]
         centre = torch.cat(centres)
         neighbour_type = all_types[torch.cat(neighbours)]
         vector = torch.cat(vectors)
@@ -230,6 +229,32 @@ class TorchExpansion(torch.nn.Module):
         density[:, 0].index_add_(0, own_rows, self.self_contribution.expand(offset, self.n_radial))
         density = density.view(offset, self.n_types, n_m, self.n_radial).transpose(1, 2)
         return density.reshape(offset, n_m, self.n_types * self.n_radial)
+
+    def _type_indices(self, systems: List[System]) -> torch.Tensor:
+        """Index in ``atom_types`` of every atom of ``systems``, shape ``(n_atoms,)``.
+
+        Raises
+        ------
+        ValueError
+            Naming the first system (index in ``systems``), atom and atomic number
+            outside ``atom_types``.
+        """
+        types = torch.cat([system.types for system in systems]).to(torch.long)
+        size = self.type_index.shape[0]
+        known = (types >= 0) & (types < size)
+        index = torch.where(known, self.type_index[types.clamp(0, size - 1)], -1)
+        if bool((index < 0).any()):
+            first = int(torch.nonzero(index < 0)[0, 0])
+            start = 0
+            for number, system in enumerate(systems):
+                if first < start + len(system):
+                    raise ValueError(
+                        "system " + str(number) + " has atomic number " + str(int(types[first]))
+                        + " (atom " + str(first - start) + "), which is not in the atom_types "
+                        + str(self.atom_types) + " of the torch spherical expansion"
+                    )
+                start += len(system)
+        return index
 
     def _pairs(self, system: System) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``first, second, cell_shifts`` (int) of the pairs of ``system``, both directions."""

@@ -16,8 +16,6 @@ from typing import Dict, List, Optional, Sequence
 
 import ase
 import torch
-from featomic.torch import SphericalExpansion
-from featomic.torch.clebsch_gordan import EquivariantPowerSpectrum
 from metatensor.torch import Labels, TensorMap
 from metatensor.torch.learn.nn import Module
 from metatomic.torch import System
@@ -43,6 +41,11 @@ class LambdaSoap(Descriptor):
         device: Optional[torch.device] = None,
     ):
         super().__init__(hypers, atom_types, target_keys, dtype, device)
+        # imported here: featomic's TorchScript extension is loaded (and recorded by an
+        # export) only where a stock descriptor is built
+        from featomic.torch import SphericalExpansion
+        from featomic.torch.clebsch_gordan import EquivariantPowerSpectrum
+
         self.module = LambdaSoapModule(
             EquivariantPowerSpectrum(
                 SphericalExpansion(**self.hypers),
@@ -81,12 +84,13 @@ class LambdaSoapModule(Module):
 
     Samples are numbered ``system = 0 .. len(systems) - 1``. A system with an
     atom type outside ``atom_types`` raises an error (featomic would silently
-    ignore it as a neighbour).
+    ignore it as a neighbour). ``calculator`` is featomic's
+    ``featomic.torch.clebsch_gordan.EquivariantPowerSpectrum``.
     """
 
     def __init__(
         self,
-        calculator: EquivariantPowerSpectrum,
+        calculator: torch.nn.Module,
         selected_keys: Labels,
         atom_types: List[int],
     ):

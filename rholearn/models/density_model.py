@@ -25,6 +25,8 @@ from ..descriptors import DEFAULT_HYPERS, Descriptor, make_descriptor
 from ..descriptors.base import check_system_ids, renumber_systems
 from ..descriptors.contracted import ContractedLambdaSoapModule
 from ..files import atomic_path
+from ..kinds import target_kind
+from ..reduction import SumOverAtoms
 from .baseline import Baseline
 from .kernel import KernelModel
 from .linear import LinearModel
@@ -34,11 +36,13 @@ from .weights import load_weights
 NETS = {"linear": LinearModel, "nonlinear": NonlinearModel, "kernel": KernelModel}
 """Network kinds by name, as stored in saved models."""
 
-FILE_FORMAT = "rholearn.DensityModel/3"
+FILE_FORMAT = "rholearn.DensityModel/4"
 """Format of saved models; ``/2`` added the descriptor kind, options and state; ``/3``:
-a kernel model stores only the references it uses (an older rholearn would misread it)."""
+a kernel model stores only the references it uses (an older rholearn would misread it);
+``/4``: the target kind (:mod:`rholearn.kinds`; older files are densities)."""
 
-OLD_FILE_FORMATS = {"rholearn.DensityModel/1": "stock", "rholearn.DensityModel/2": "contracted"}
+OLD_FILE_FORMATS = {"rholearn.DensityModel/1": "stock", "rholearn.DensityModel/2": "contracted",
+                    "rholearn.DensityModel/3": "contracted"}
 """Older formats still read, with the descriptor they were written with where the file
 does not record it (``/2`` files do; their padded kernel references load as they are)."""
 
@@ -75,6 +79,12 @@ class DensityModel(torch.nn.Module):
         contracted one is fitted to training structures by :meth:`fit_descriptor`.
     descriptor_options : dict, optional
         Passed to the descriptor (``n_channels`` for ``"contracted"``).
+    target : {"density", "dipole", "polarizability"}
+        What the model predicts (:data:`rholearn.kinds.KINDS`): for a tensor kind,
+        ``basis`` is the kind's output basis
+        (:meth:`~rholearn.kinds.TargetKind.output_basis`) and the per-atom
+        contributions are summed over each structure (:class:`~rholearn.reduction.SumOverAtoms`),
+        so the model returns one tensor per structure (atomic units).
     **model_options
         Passed to the network constructor (``seed``, ``hidden_sizes``, ``width``).
     """
@@ -89,9 +99,13 @@ class DensityModel(torch.nn.Module):
         device: Optional[torch.device] = None,
         descriptor: str = DEFAULT_DESCRIPTOR,
         descriptor_options: Optional[dict] = None,
+        target: str = "density",
         **model_options,
     ):
         super().__init__()
+        kind = target_kind(target)
+        self.target = kind.name
+        self.reduction = SumOverAtoms(kind.lambdas) if kind.is_tensor else None
         if model not in NETS:
             raise ValueError(f"unknown model '{model}', expected one of {sorted(NETS)}")
         self.basis = basis
@@ -152,7 +166,8 @@ class DensityModel(torch.nn.Module):
         Blocks absent from ``descriptor`` are absent from the output.
         """
         self._check_descriptor(descriptor)
-        return self.baseline(self.net(descriptor))
+        output = self.baseline(self.net(descriptor))
+        return output if self.reduction is None else self.reduction(output)
 
     def predict(
         self, frames: Sequence[ase.Atoms], system_ids: Optional[Sequence[int]] = None
@@ -160,7 +175,8 @@ class DensityModel(torch.nn.Module):
         """Predict coefficients for ase structures (positions in Angstrom).
 
         Returns a ``metatensor.torch.TensorMap`` in the layout of
-        :mod:`rholearn.layout`, ``system`` samples being ``system_ids``
+        :mod:`rholearn.layout` (a tensor kind: :mod:`rholearn.tensors`, atomic
+        units), ``system`` samples being ``system_ids``
         (default ``0 .. len(frames) - 1``). A structure with an element the model
         was not trained on raises a ``ValueError`` naming it.
         """
@@ -185,7 +201,7 @@ class DensityModel(torch.nn.Module):
         does not script runs eagerly, with a warning).
         """
         descriptor = self.descriptor
-        modules = (self.net, self.baseline, descriptor.module)
+        modules = (self.net, self.baseline, descriptor.module)  # (reduction: no tensors)
         tensors = [t for module in modules for t in (*module.parameters(), *module.buffers())]
         key = (id(descriptor.module), tuple((id(t), t.data_ptr()) for t in tensors))
         if self._scripted is None or self._scripted[0] != key:
@@ -257,6 +273,7 @@ class DensityModel(torch.nn.Module):
         """Write the whole model (plain data and tensors) to ``path`` atomically."""
         state = {
             "format": FILE_FORMAT,
+            "target": self.target,
             "basis": self.basis.to_dict(),
             "hypers": self.hypers,
             "descriptor": self.descriptor_kind,
@@ -300,6 +317,7 @@ class DensityModel(torch.nn.Module):
             device=device,
             descriptor=descriptor,
             descriptor_options=state.get("descriptor_options", {}),
+            target=state.get("target", "density"),
             **state["model_options"],
         )
         try:
@@ -325,15 +343,33 @@ class DensityModel(torch.nn.Module):
         """
         torch.jit.save(torch.jit.script(self.pipeline()), path)
 
-    def pipeline(self) -> torch.nn.Module:
+    def pipeline(self, reduce: bool = True) -> torch.nn.Module:
         """Descriptor, network and baseline as one TorchScript-compatible module
         (not scripted): ``List[System] -> TensorMap`` of coefficients, ``system``
         samples ``0 .. len(systems) - 1``; it shares this model's tensors.
-        :meth:`export` and :func:`rholearn.export.export_atomistic` save it."""
+        :meth:`export` and :func:`rholearn.export.export_atomistic` save it.
+        A tensor kind's per-atom contributions are summed over each system unless
+        ``reduce`` is false."""
         module = self.descriptor.module
         if isinstance(module, ContractedLambdaSoapModule):
-            return _ChunkedModel(module, self.net, self.baseline, PREDICT_CHUNK)
-        return _ScriptableModel(module, self.net, self.baseline)
+            pipeline = _ChunkedModel(module, self.net, self.baseline, PREDICT_CHUNK)
+        else:
+            pipeline = _ScriptableModel(module, self.net, self.baseline)
+        if self.reduction is None or not reduce:
+            return pipeline
+        return _Reduced(pipeline, self.reduction)
+
+
+class _Reduced(torch.nn.Module):
+    """A pipeline's per-atom output reduced to structures (tensor kinds)."""
+
+    def __init__(self, pipeline: torch.nn.Module, reduction: SumOverAtoms):
+        super().__init__()
+        self.pipeline = pipeline
+        self.reduction = reduction
+
+    def forward(self, systems: List[System]) -> TensorMap:
+        return self.reduction(self.pipeline(systems))
 
 
 class _ScriptableModel(torch.nn.Module):

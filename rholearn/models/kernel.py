@@ -204,13 +204,14 @@ class KernelFeatures(torch.nn.Module):
         )
 
     @torch.no_grad()
-    def fit(self, descriptor: TensorMap) -> Dict[Key, int]:
+    def fit(self, descriptor: TensorMap, counts: Optional[Dict[int, int]] = None) -> Dict[Key, int]:
         """Pick references among the atoms of ``descriptor`` (the training set) and
         build ``K_MM^{-1/2}``; returns the number of active features per block.
 
         References are chosen per element by farthest-point sampling on the
         normalised invariant descriptor; every block of that element uses the same
-        references (as SALTED does).
+        references (as SALTED does). ``counts`` (atomic number -> references) caps
+        the number per element below ``n_references``.
         """
         selected: Dict[int, torch.Tensor] = {}
         active: Dict[Key, int] = {}
@@ -225,7 +226,8 @@ class KernelFeatures(torch.nn.Module):
                 raise ValueError(f"descriptor block {key} and its invariant block hold different atoms")
             x0 = _normalised(invariant.values.reshape(len(invariant.values), -1))
             if z not in selected:
-                selected[z] = farthest_point_sampling(x0.cpu(), self.n_references).to(x0.device)
+                n = min(self.n_references, (counts or {}).get(z, self.n_references))
+                selected[z] = farthest_point_sampling(x0.cpu(), n).to(x0.device)
             rows = selected[z]
             references = _normalised(block.values)[rows]
             module.references = references.contiguous()
@@ -249,6 +251,22 @@ class KernelFeatures(torch.nn.Module):
         return [int(module.n_active) for module in self.blocks]
 
 
+def reference_counts(atoms: Dict[int, int], n_references: int, weights_per_reference: Dict[int, int],
+                     max_weights: Optional[int]) -> Dict[int, int]:
+    """References per element: ``min(n_references, atoms[Z])``, then, when their weights
+    ``sum_Z count_Z weights_per_reference[Z]`` exceed ``max_weights``, every count capped
+    at the largest common number that fits (at least one reference per element)."""
+    counts = {z: min(n_references, n) for z, n in atoms.items()}
+
+    def weights(cap: int) -> int:
+        return sum(min(count, cap) * weights_per_reference.get(z, 0) for z, count in counts.items())
+
+    if max_weights is None or weights(n_references) <= max_weights:
+        return counts
+    cap = max(1, max((c for c in range(1, n_references + 1) if weights(c) <= max_weights), default=1))
+    return {z: min(count, cap) for z, count in counts.items()}
+
+
 class KernelModel(torch.nn.Module):
     """Sparse equivariant kernel regression: :class:`KernelFeatures` then a linear map.
 
@@ -258,6 +276,14 @@ class KernelModel(torch.nn.Module):
         As for :class:`~rholearn.models.LinearModel`.
     n_references, zeta, eigen_cutoff
         See :class:`KernelFeatures`.
+    max_weights : int, optional
+        Budget of weights of the linear map: when ``n_references`` per element (or
+        all its training atoms, if fewer) would give more, every element's references
+        are capped at one common number, the largest within the budget (elements with
+        fewer atoms keep them all). A reference of element ``Z`` costs
+        ``sum_l (2 l + 1) n_radial(Z, l)`` weights (def2-universal-jkfit: 18 for H,
+        75-77 for C, N, O). The default keeps the dense normal matrix within about 2 GB
+        and its factorisation within a few minutes on one core. ``None``: no budget.
     seed : int
         Seed of the linear map's initialisation (the direct solve overwrites it).
     dtype : torch.dtype
@@ -278,11 +304,19 @@ class KernelModel(torch.nn.Module):
         n_references: int = 100,
         zeta: float = 2.0,
         eigen_cutoff: float = 1e-12,
+        max_weights: Optional[int] = 16000,
         seed: int = 0,
         dtype: torch.dtype = torch.float64,
         device: Optional[torch.device] = None,
     ):
         super().__init__()
+        if max_weights is not None and int(max_weights) < 1:
+            raise ValueError(f"max_weights must be a positive integer or None, got {max_weights}")
+        self.max_weights = None if max_weights is None else int(max_weights)
+        self.weights_per_reference: Dict[int, int] = {}
+        for (l, _, z), n_out in zip(keys, out_features):
+            z = int(z)
+            self.weights_per_reference[z] = self.weights_per_reference.get(z, 0) + (2 * int(l) + 1) * int(n_out)
         self.features = KernelFeatures(
             keys, in_features, n_references, zeta, eigen_cutoff, dtype, device
         )
@@ -293,8 +327,16 @@ class KernelModel(torch.nn.Module):
         return self.head(self.features(descriptor))
 
     def fit_references(self, descriptor: TensorMap) -> Dict[Key, int]:
-        """See :meth:`KernelFeatures.fit`."""
-        return self.features.fit(descriptor)
+        """See :meth:`KernelFeatures.fit`; the references per element are kept within
+        ``max_weights`` (:func:`reference_counts`)."""
+        atoms = {  # training atoms per element: the samples of its invariant block
+            int(z): len(block.samples)
+            for (l, sigma, z), block in zip(descriptor.keys.values.tolist(), descriptor.blocks())
+            if (l, sigma) == (0, 1)
+        }
+        counts = reference_counts(atoms, self.features.n_references, self.weights_per_reference,
+                                  self.max_weights)
+        return self.features.fit(descriptor, counts)
 
     def active_features(self) -> List[int]:
         """See :meth:`KernelFeatures.active_features`."""

@@ -22,6 +22,7 @@ from ..models import DensityModel
 from ..run import PARITY_PLOT
 
 from .prediction import predict_in_batches
+from .tensor_evaluation import evaluate_tensors
 
 
 def evaluate(
@@ -62,12 +63,18 @@ def evaluate(
     ``out/<index>/coefficients.mts`` and a parity plot of predicted against
     reference coefficients per ``l`` to ``out/parity.png``.
 
+    A model of a molecular tensor (``model.target`` ``"dipole"`` or
+    ``"polarizability"``) is evaluated by
+    :func:`~rholearn.workflow.tensor_evaluation.evaluate_tensors` (no real-space part).
+
     Returns
     -------
     dict
         ``structures``: one dict per structure; ``summary``: means (and the set
         RMSE); ``seconds``: prediction and real-space timings.
     """
+    if model.target != "density":
+        return evaluate_tensors(model, dataset, indices, progress=progress, out=out)
     folder = read_dataset(dataset, basis=model.basis)
     indices = list(folder.indices if indices is None else indices)
     if not indices:

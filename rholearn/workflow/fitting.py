@@ -23,8 +23,10 @@ from ..data import (
 )
 from ..dataset import read_dataset
 from ..files import error_line
+from ..kinds import check_properties, structure_baseline, target_kind
 from ..models import Baseline, DensityModel
 from ..models.density_model import DEFAULT_DESCRIPTOR, NETS
+from ..reduction import StructureTensor, make_tensor_dataset
 from ..options import keyword_options, merge, read_yaml, to_dict
 from ..run import SPLIT_FILE, RunFolder, new_run_path
 from ..solve import SolveOptions, linear_parts
@@ -56,6 +58,12 @@ class FitOptions:
         ``"overlap"``: the real-space L2 error ``dc^T S dc``; ``"projection"``:
         the same up to a constant, from the projections only; ``"coefficient"``:
         plain squared coefficient errors.
+    target : {"density", "dipole", "polarizability"}
+        What is learned (:data:`rholearn.kinds.KINDS`): the density
+        coefficients, or a molecular tensor of every structure
+        (``DATASET/<i>/<target>.mts``, from ``rhocalc pyscf --properties``) as a
+        sum of per-atom equivariant contributions, with the direct solve on its
+        squared error (``loss`` is then unused).
     n_train, n_val, n_test : int or float, optional
         Split sizes: counts, or fractions of the completed structures (a float
         between 0 and 1); ``n_train`` defaults to 80 %, ``n_val`` to 10 % (at
@@ -90,6 +98,7 @@ class FitOptions:
     model: str = "kernel"
     solver: str = "direct"
     loss: str = "overlap"
+    target: str = "density"
     n_train: Optional[Union[int, float]] = None
     n_val: Optional[Union[int, float]] = None
     n_test: Optional[Union[int, float]] = None
@@ -134,6 +143,8 @@ class FitOptions:
             raise ValueError("the nonlinear model is not linear in its weights: use solver='gradient'")
         if self.solver == "direct" and self.loss == "coefficient":
             raise ValueError("the direct solve minimises the overlap loss: use loss='overlap'")
+        if target_kind(self.target).is_tensor and self.solver != "direct":
+            raise ValueError(f"target '{self.target}' is learned with solver='direct' only")
         if isinstance(self.train, dict):
             self.train = TrainOptions(**self.train)
         if isinstance(self.solve, dict):
@@ -224,12 +235,17 @@ def fit(
 def _fit(folder, run: RunFolder, options: FitOptions, resume: bool, split, log) -> FitResult:
     """:func:`fit` once its split and run folder are settled, logging to ``train.log``."""
     dtype = options.train.torch_dtype
-    coefficients = TargetFile(folder.root, layout.COEFFICIENTS_FILE, dtype, torch.device("cpu"))
-    baseline = Baseline.from_coefficients(coefficients(i) for i in split["train"])
+    kind = target_kind(options.target)
+    if kind.is_tensor:
+        basis, baseline = _tensor_targets(folder, kind, split, dtype)
+    else:
+        basis = folder.basis
+        coefficients = TargetFile(folder.root, layout.COEFFICIENTS_FILE, dtype, torch.device("cpu"))
+        baseline = Baseline.from_coefficients(coefficients(i) for i in split["train"])
     model = DensityModel(
-        folder.basis, options.hypers, options.model, baseline, dtype=dtype,
+        basis, options.hypers, options.model, baseline, dtype=dtype,
         descriptor=options.descriptor, descriptor_options=options.descriptor_options,
-        **options.model_options
+        target=kind.name, **options.model_options
     )
     log.info(_banner(folder, run, options, split, resume))
     model.fit_descriptor([folder.frames[i] for i in split["train"]])  # hashed in the cache settings
@@ -242,14 +258,28 @@ def _fit(folder, run: RunFolder, options: FitOptions, resume: bool, split, log) 
     distributed.broadcast_module(model)  # every process starts from process 0's model
     fitter = FITTERS[options.solver](options, resume, {"references": time.perf_counter() - start})
     datasets = {
-        name: make_dataset(folder, split[name], descriptors, fitter.targets, dtype,
-                           options.train.device)
+        name: make_tensor_dataset(folder, kind, basis, split[name], descriptors, dtype,
+                                  options.train.device) if kind.is_tensor else
+        make_dataset(folder, split[name], descriptors, fitter.targets, dtype,
+                     options.train.device)
         for name in ("train", "val")
     }
     log.info(f"{_n_weights(model)} weights; device {options.train.device}, "
              f"{options.train.dtype}")
     record = fitter.fit(model, datasets["train"], datasets["val"] if split["val"] else None, run)
     return FitResult(model=model, history=record["history"], split=split, run_dir=run.path)
+
+
+def _tensor_targets(folder, kind, split, dtype):
+    """A tensor kind's output basis and baseline (:func:`~rholearn.kinds.structure_baseline`
+    of the training tensors), refusing first a dataset without the tensors of every
+    split structure (:func:`~rholearn.kinds.check_properties`)."""
+    check_properties(folder, kind, [i for name in SUBSETS for i in split[name]])
+    train = split["train"]
+    tensor = StructureTensor(folder, kind, dtype)
+    means = structure_baseline([tensor(i) for i in train], [folder.frames[i] for i in train],
+                               folder.basis.elements)
+    return kind.output_basis(folder.basis.elements), Baseline(means, dtype)
 
 
 def _banner(folder, run: RunFolder, options: FitOptions, split, resume: bool) -> str:
@@ -260,7 +290,8 @@ def _banner(folder, run: RunFolder, options: FitOptions, split, resume: bool) ->
         f"'{os.path.abspath(folder.root)}' ({len(folder.indices)} structures, elements "
         f"{' '.join(folder.basis.elements)}, basis '{folder.basis.name}'); split {sizes}; "
         f"{options.model} model on the {options.descriptor} lambda-SOAP, "
-        f"{options.solver} solver, {options.loss} loss"
+        f"{options.solver} solver, " + (f"{options.target} target" if options.target != "density"
+                                         else f"{options.loss} loss")
     )
 
 

@@ -14,11 +14,11 @@ import ase
 import tqdm
 from metatensor.torch import TensorMap
 
-from .. import layout
+from .. import layout, tensors
 from ..descriptors import select_system
 from ..backends import basis_backend
 from ..cube import LARGE_CUBE_POINTS, CubeGrid, cube_grid
-from ..dataset import check_positions
+from ..dataset import PROPERTY_FILES, check_positions
 from ..files import atomic_folder, exclusive_lock, remove_stale_files, write_json
 from ..models import DensityModel
 
@@ -39,7 +39,9 @@ def predict(
     """Predict coefficients for new structures; no quantum chemistry involved.
 
     Writes, for each structure, ``out/<name>/coefficients.mts`` (the shared
-    layout, ``system`` = position in ``frames``), ``out/<name>/info.json`` and,
+    layout, ``system`` = position in ``frames``; a tensor model (``model.target``):
+    ``out/<name>/<target>.mts``, :mod:`rholearn.tensors` layout, and the Cartesian
+    tensor in atomic units as ``<target>_au`` in ``info.json``), ``out/<name>/info.json`` and,
     with ``cube``, ``out/<name>/density.cube`` (Gaussian bases only; grid spacing
     ``cube_spacing`` in Angstrom, density in electrons/Bohr^3 as the cube format
     uses). Returns the structure folders. Structures are predicted
@@ -91,6 +93,8 @@ def predict(
         ``out`` holds a dataset, or something other than a prediction folder where
         a structure's folder goes.
     """
+    if cube and model.target != "density":
+        raise ValueError(f"a {model.target} model predicts no density: no cube files")
     if os.path.isfile(os.path.join(out, layout.BASIS_FILE)):
         raise FileExistsError(
             f"'{out}' holds a dataset ('{layout.BASIS_FILE}'); predict into another folder"
@@ -264,7 +268,9 @@ def _write_prediction(model, atoms, info, coefficients, out, backend, cube, prog
     ``(exact, cube)``, each ``None`` if not computed."""
     info = {**info, "formula": atoms.get_chemical_formula()}
     exact = cube_count = None
-    if backend is not None:
+    if model.target != "density":  # a molecular tensor: Cartesian values in info.json
+        info[f"{model.target}_au"] = tensors.tensormap_to_cartesian(coefficients).tolist()[0]
+    elif backend is not None:
         vector = layout.tensormap_to_vector(coefficients, atoms.numbers, model.basis)
         exact = float(backend.function_integrals(atoms, model.basis) @ vector)
     info["n_electrons"] = exact
@@ -272,7 +278,8 @@ def _write_prediction(model, atoms, info, coefficients, out, backend, cube, prog
         with open(os.path.join(tmp, PREDICTION_MARKER), "w") as f:
             f.write("written by rholearn predict: replaced by the next prediction into "
                     "this folder's parent\n")
-        layout.save(os.path.join(tmp, layout.COEFFICIENTS_FILE), coefficients)
+        file_name = PROPERTY_FILES.get(model.target, layout.COEFFICIENTS_FILE)
+        layout.save(os.path.join(tmp, file_name), coefficients)
         if cube is not None:
             spacing, grid = cube
             cube_count = backend.write_cube(

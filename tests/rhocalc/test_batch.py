@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import ase.build
@@ -200,6 +201,41 @@ def test_removes_stale_temporary_folders(tmp_path):
     report = run_batch(structures, out, COMPUTE, basis, progress=False)
     assert report.done == [0]
     assert sorted(os.listdir(out)) == [".lock", "0", layout.BASIS_FILE, layout.STRUCTURES_FILE]
+
+
+class CtrlCAtSubmission(concurrent.futures.ThreadPoolExecutor):
+    """A one-thread pool where Ctrl-C arrives while submitting task ``interrupt_at``."""
+
+    def __init__(self, interrupt_at: int):
+        super().__init__(max_workers=1)
+        self.interrupt_at = interrupt_at
+        self.submitted = []
+
+    def submit(self, fn, *args, **kwargs):
+        if len(self.submitted) == self.interrupt_at:
+            raise KeyboardInterrupt
+        future = super().submit(fn, *args, **kwargs)
+        self.submitted.append(future)
+        return future
+
+
+def test_an_interrupted_submission_cancels_what_it_submitted(tmp_path):
+    """Ctrl-C while structure 2 is submitted: structure 1, queued behind the running 0,
+    is cancelled and never computed; nothing is written after the interruption."""
+    started, release = [], threading.Event()
+
+    def held(atoms, system):
+        started.append(system)
+        release.wait(60)
+        return COMPUTE(atoms, system=system)
+
+    with CtrlCAtSubmission(interrupt_at=2) as pool:
+        with pytest.raises(KeyboardInterrupt):
+            run_batch(molecules(), str(tmp_path), held, BASIS, executor=pool, progress=False)
+        release.set()
+    assert started == [0]
+    assert len(pool.submitted) == 2 and pool.submitted[1].cancelled()
+    assert not any(os.path.exists(layout.structure_dir(str(tmp_path), i)) for i in range(3))
 
 
 def test_refuses_a_folder_another_run_is_writing(tmp_path):

@@ -1,6 +1,7 @@
 """Cheap settings shared by the data and training tests: HF/sto-3g targets fitted
 onto def2-universal-jfit, and a small lambda-SOAP (Angstrom)."""
 
+import dataclasses
 import functools
 
 import ase.build
@@ -28,4 +29,21 @@ def waters_and_methanes(root: str, n: int, methane_every: int, rattle: float) ->
         frames.append(atoms)
     run_batch(frames, root, functools.partial(compute_targets, options=OPTIONS),
               basis_set(OPTIONS.auxbasis, ["H", "C", "O"]), progress=False)
+    return root
+
+
+def tensor_waters(root: str, n: int, rattle: float = 0.1) -> str:
+    """A dataset at ``root`` of ``n`` rattled, randomly rotated waters with their
+    HF/sto-3g dipoles and polarisabilities (``--properties dipole,polarizability``)."""
+    from rholearn.rotations import random_rotation
+
+    frames = []
+    for seed in range(n):
+        atoms = ase.build.molecule("H2O")
+        atoms.rattle(rattle, seed=seed)
+        atoms.positions = atoms.positions @ random_rotation(seed).T
+        frames.append(atoms)
+    options = dataclasses.replace(OPTIONS, properties=("dipole", "polarizability"))
+    run_batch(frames, root, functools.partial(compute_targets, options=options),
+              basis_set(options.auxbasis, ["H", "O"]), progress=False)
     return root

@@ -95,6 +95,30 @@ def test_bad_options_are_named_before_any_work(dataset, tmp_path, capsys, extra,
     assert not run.exists()
 
 
+def test_a_run_folder_given_as_the_source_resumes(dataset, tmp_path, capsys):
+    """`rholearn train RUN --resume` resumes RUN with its recorded options (also once the
+    folder moved); without --resume or --overwrite, one line says what to type."""
+    run = str(tmp_path / "run")
+    assert cli.main(["train", dataset, "--run", run, "--n-train", "4", "--n-val", "1"]) == 0
+    capsys.readouterr()
+    assert cli.main(["train", run]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and f"'{run}' is a run folder, not a dataset" in error
+    assert f"rholearn train {run} --resume" in error
+    moved = str(tmp_path / "moved")
+    os.rename(run, moved)
+    assert cli.main(["train", moved, "--resume"]) == 0
+    assert f"model: {os.path.join(moved, workflow.MODEL_FILE)}" in capsys.readouterr().out
+    with open(os.path.join(moved, workflow.OPTIONS_FILE)) as f:
+        resumed = yaml.safe_load(f)
+    assert resumed["run"] == moved and resumed["n_train"] == 4 and resumed["dataset"] == dataset
+    assert cli.main(["train", moved, "--overwrite", "--n-train", "3"]) == 0
+    with open(os.path.join(moved, workflow.SPLIT_FILE)) as f:
+        assert len(yaml.safe_load(f)["train"]) == 3
+    assert cli.main(["train", dataset, "--resume"]) == 2
+    assert "rholearn train RUN --resume" in capsys.readouterr().err
+
+
 def test_bad_options_file_is_named(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("dataset: [unclosed\n")

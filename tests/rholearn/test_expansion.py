@@ -137,6 +137,23 @@ def test_auto_is_torch_on_cuda_only():
     assert isinstance(make_expansion("torch", DEFAULT_HYPERS, ATOM_TYPES, torch.float64), TorchExpansion)
 
 
+@pytest.mark.parametrize("scripted", [False, True])
+def test_unknown_atom_types_name_the_system_and_element(scripted):
+    """Nitrogen (7, a gap in the type table, which was read as the last type) and chlorine
+    (17, beyond the table) raise an error naming the system, the atom and the atomic number."""
+    expansion = TorchExpansion(DEFAULT_HYPERS, [1, 6, 8])
+    module = torch.jit.script(expansion) if scripted else expansion
+    water, ammonia, methyl_chloride = rattled("H2O"), rattled("NH3"), rattled("CH3Cl")
+    for frames, message in (
+        ([water, ammonia], r"system 1 has atomic number 7 \(atom 0\), which is not in the "
+                           r"atom_types \[1, 6, 8\]"),
+        ([methyl_chloride], r"system 0 has atomic number 17 \(atom 1\)"),
+    ):
+        with pytest.raises((ValueError, torch.jit.Error), match=message):
+            module(systems_to_torch(frames, dtype=torch.float64))
+    assert module(systems_to_torch([water], dtype=torch.float64)).shape[0] == 3
+
+
 def test_unsupported_hypers_name_what_and_the_way_out():
     hypers = hypers_with(density__scaling={"type": "Willatt2018", "scale": 1.0, "rate": 1.0, "exponent": 2})
     with pytest.raises(ValueError, match="does not support density.*expansion='featomic'"):

@@ -14,14 +14,16 @@ import sys
 import time
 
 import ase.io
+import metatensor.torch as mts
 import pytest
+import torch
 from metatomic.torch import load_atomistic_model
 
 from rhocalc import cli as rhocalc_cli
 from rhocalc.structures import distorted_waters
 from rholearn import cli
 from rholearn.basis import BasisSet
-from rholearn.export import EXPORT_FORMAT, OUTPUT_NAME, OUTPUT_UNIT
+from rholearn.export import EXPORT_FORMAT, OUTPUT_NAME, OUTPUT_UNIT, export_atomistic
 from rholearn.files import atomic_path, remove_orphans
 
 FAST = ["--xc", "HF", "--basis", "sto-3g", "--auxbasis", "def2-universal-jfit", "--quiet"]
@@ -41,7 +43,7 @@ def run(tmp_path_factory):
                      "--no-train.verbose"]) == 0
     new = str(root / "new.xyz")
     ase.io.write(new, distorted_waters(3, seed=7))
-    return {"run": run_dir, "new": new, "root": root}
+    return {"run": run_dir, "new": new, "root": root, "dataset": dataset}
 
 
 FRESH_PROCESS = r"""
@@ -93,6 +95,100 @@ def test_export_loads_without_rholearn_and_matches_predict(run, tmp_path):
     assert found["imported"] == []
     assert found["blocks"] > 3 * 4  # every block of every structure compared
     assert found["largest"] <= 1e-12 * found["scale"], found  # measured: 0 (bit for bit)
+
+
+@pytest.fixture(scope="module")
+def torch_run(run):
+    """The same model with the pure-torch spherical expansion."""
+    run_dir = str(run["root"] / "torch-run")
+    assert cli.main(["train", run["dataset"], "--run", run_dir, "--n-train", "5", "--n-val", "1",
+                     "-r", "descriptor_options.expansion=torch", "--no-train.verbose"]) == 0
+    return run_dir
+
+
+WITHOUT_FEATOMIC = r"""
+import importlib.abc, json, sys
+
+
+class RefuseFeatomic(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "featomic":
+            raise ImportError(f"featomic is not installed here ({name})")
+
+
+sys.meta_path.insert(0, RefuseFeatomic())
+import ase.io, torch
+import metatensor.torch as mts
+from metatomic.torch import ModelEvaluationOptions, ModelOutput, load_atomistic_model, systems_to_torch
+from vesin.metatomic import neighbor_lists_for_model
+
+model_path, structures, out = sys.argv[1:4]
+model = load_atomistic_model(model_path)  # no extensions folder
+systems = systems_to_torch(ase.io.read(structures, ":"), dtype=torch.float64)
+for calculator in neighbor_lists_for_model("angstrom", model):
+    calculator.add_neighbor_list(systems)
+name = "rholearn::density_coefficients"
+options = ModelEvaluationOptions(length_unit="angstrom", outputs={name: ModelOutput(sample_kind="atom")})
+mts.save(out, model(systems, options, check_consistency=True)[name])
+imported = sorted(m for m in sys.modules if m.split(".")[0] in ("rholearn", "featomic", "rhocalc"))
+print(json.dumps({"imported": imported, "libraries": sorted(torch.ops.loaded_libraries)}))
+"""
+
+
+@pytest.mark.parametrize("trained_with", ["torch", "featomic"])
+def test_export_with_the_torch_expansion_runs_without_featomic(trained_with, torch_run, run,
+                                                               tmp_path):
+    """A model trained with the pure-torch expansion, or the default one exported with
+    ``--expansion torch``, exports without extensions (even with featomic's loaded here) and
+    predicts in a process that cannot import featomic what ``predict`` gives here."""
+    import featomic.torch  # noqa: F401  loaded in the exporting process: the export leaves it out
+
+    run_dir = torch_run if trained_with == "torch" else run["run"]
+    loaded = set(torch.ops.loaded_libraries)
+    out, extensions = str(tmp_path / "model.pt"), tmp_path / "ext"
+    choice = [] if trained_with == "torch" else ["--expansion", "torch"]
+    assert cli.main(["export", run_dir, "--out", out, "--extensions", str(extensions), *choice]) == 0
+    assert torch.ops.loaded_libraries == loaded  # hidden during the export only
+    assert list(extensions.iterdir()) == []
+    recorded = {"extensions": "", "extensions-deps": ""}
+    torch.jit.load(out, _extra_files=recorded)
+    assert json.loads(recorded["extensions"]) == [] and json.loads(recorded["extensions-deps"]) == []
+
+    coefficients = str(tmp_path / "exported.mts")
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_FEATOMIC, out, run["new"], coefficients],
+        capture_output=True, text=True, env=ENVIRONMENT, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.splitlines()[-1])
+    assert found["imported"] == []
+    assert not any("featomic" in library for library in found["libraries"]), found
+
+    model = cli.load_model(run_dir)
+    uses_featomic = any(type(m).__module__.startswith("featomic") for m in model.pipeline().modules())
+    assert uses_featomic == (trained_with == "featomic")
+    expected = model.predict(ase.io.read(run["new"], ":"))
+    exported = mts.load(coefficients)
+    assert exported.keys == expected.keys and len(expected) > 3 * 2
+    for key, block in expected.items():
+        assert exported.block(key).samples == block.samples
+        torch.testing.assert_close(exported.block(key).values, block.values, rtol=0, atol=1e-10)
+
+    if trained_with == "featomic":  # the model itself keeps featomic's expansion
+        expansion = model.descriptor.module.expansion
+        export_atomistic(model, str(tmp_path / "again.pt"), expansion="torch")
+        assert model.descriptor.module.expansion is expansion
+        assert list((tmp_path / "extensions").iterdir()) == []  # the default folder
+
+
+def test_the_expansion_choice_needs_a_contracted_descriptor(tmp_path):
+    from rhocalc.pyscf import basis_set
+    from rholearn.models import DensityModel
+
+    model = DensityModel(basis_set("def2-universal-jfit", ["H", "O"]), descriptor="stock")
+    with pytest.raises(ValueError, match="needs a contracted descriptor, this model's is 'stock'"):
+        export_atomistic(model, str(tmp_path / "model.pt"), expansion="torch")
+    assert not (tmp_path / "model.pt").exists()
 
 
 def test_export_metadata(run, tmp_path):

@@ -80,3 +80,20 @@ def test_entry_points_import_with_rhocalc_and_pyscf_missing():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+def test_featomic_extension_loads_only_where_featomic_computes():
+    """Importing the entry points, checking hypers and building a contracted descriptor
+    with the torch expansion load no featomic TorchScript extension (an export would
+    record it as needed); a stock descriptor does."""
+    result = _run(
+        "import torch, rholearn.workflow, rholearn.cli, rholearn.export\n"
+        "from rholearn.descriptors import DEFAULT_HYPERS, ContractedLambdaSoap, LambdaSoap, check_hypers\n"
+        "check_hypers(DEFAULT_HYPERS)\n"
+        "ContractedLambdaSoap(DEFAULT_HYPERS, [1, 8], expansion='torch')\n"
+        "print(any('featomic' in library for library in torch.ops.loaded_libraries))\n"
+        "LambdaSoap(DEFAULT_HYPERS, [1, 8])\n"
+        "print(any('featomic' in library for library in torch.ops.loaded_libraries))"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False", "True"]

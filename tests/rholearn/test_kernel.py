@@ -6,7 +6,7 @@ import torch
 from metatomic.torch import systems_to_torch
 
 from rholearn.models import DensityModel
-from rholearn.models.kernel import farthest_point_sampling
+from rholearn.models.kernel import farthest_point_sampling, reference_counts
 from rholearn.testing import assert_equivariant
 from rhocalc.pyscf import basis_set
 from rhocalc.structures import distorted_waters
@@ -102,6 +102,38 @@ def test_a_saved_kernel_model_stores_only_the_references_used(tmp_path):
     expected = model.predict(frames)
     for key, block in reloaded.predict(frames).items():
         torch.testing.assert_close(block.values, expected.block(key).values, rtol=0, atol=0)
+
+
+def test_reference_counts_keep_within_the_weight_budget():
+    atoms, per_reference = {1: 400, 6: 100, 8: 30}, {1: 18, 6: 75, 8: 77}
+    assert reference_counts(atoms, 100, per_reference, None) == {1: 100, 6: 100, 8: 30}
+    assert reference_counts(atoms, 100, per_reference, 11610) == {1: 100, 6: 100, 8: 30}  # fits
+    counts = reference_counts(atoms, 100, per_reference, 9000)
+    assert counts == {1: 71, 6: 71, 8: 30}  # a common cap; oxygen keeps its 30 atoms
+    assert sum(counts[z] * per_reference[z] for z in atoms) <= 9000
+    assert sum((counts[z] + (z != 8)) * per_reference[z] for z in atoms) > 9000  # the largest cap
+    assert reference_counts(atoms, 100, per_reference, 1) == {1: 1, 6: 1, 8: 1}
+
+
+def test_the_weight_budget_caps_the_references_the_model_picks():
+    frames = training_frames()  # 6 waters and 3 methanols: 24 H, 3 C, 9 O atoms
+    basis = basis_set(AUXBASIS, ["H", "C", "O"])
+    free = DensityModel(basis, HYPERS, "kernel", n_references=20)
+    capped = DensityModel(basis, HYPERS, "kernel", n_references=20, max_weights=900)
+    descriptor = free.descriptor.compute(frames)
+    free.net.fit_references(descriptor)
+    capped.net.fit_references(descriptor)
+
+    def references(model):
+        return {z: len(block.references) for (l, _, z), block in zip(model.keys, model.net.features.blocks)}
+
+    per_reference = capped.net.weights_per_reference
+    assert references(free) == {1: 20, 6: 3, 8: 9}
+    counts = references(capped)
+    assert counts[6] == 3 and counts[1] == counts[8] < 9
+    assert sum(counts[z] * per_reference[z] for z in counts) <= 900
+    with pytest.raises(ValueError, match="max_weights"):
+        DensityModel(basis, HYPERS, "kernel", max_weights=0)
 
 
 def test_a_kernel_model_saved_with_padded_references_still_loads(model, tmp_path):

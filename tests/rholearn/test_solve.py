@@ -14,7 +14,7 @@ from rholearn import data, workflow
 from rholearn.dataset import read_dataset
 from rholearn.loss import OverlapLoss
 from rholearn.models import Baseline, DensityModel
-from rholearn.solve import SolveOptions, linear_parts, solve_linear
+from rholearn.solve import SolveOptions, available_memory, linear_parts, solve_linear
 from rhocalc.batch import run_batch
 from rhocalc.pyscf import basis_set, compute_targets
 from rhocalc.structures import distorted_waters
@@ -280,12 +280,34 @@ def test_cross_validation_keeps_to_its_time_budget(folder, descriptors):
     assert record["cv_estimate_seconds"] == 0.0  # too small to estimate
     # fold 0's held-out loss is the same in both; the full run averages over the 4
     assert record["grid"][0]["cv_loss"] != full["grid"][0]["cv_loss"]
-    # without the dense solver there is no cross-validation: the fallback strength, with a warning
-    with pytest.warns(UserWarning, match="cross-validation skipped: it needs the dense solver"):
-        record = solve_linear(model, batches, options=SolveOptions(
-            regularisation=[1e-6, 1e-3], solver="cg", fallback_regularisation=1e-3))
-    assert record["selection"] == "fallback" and record["regularisation"] == 1e-3
-    assert [row["regularisation"] for row in record["grid"]] == [1e-3] and record["converged"]
+
+
+def test_cross_validation_beyond_the_budget_scores_the_leading_features(folder, descriptors):
+    """Without room for every weight (matrix-free solver, memory for a third of them), the
+    folds are scored on the leading features of every block; all weights are then solved
+    with the chosen strength."""
+    train_ids = folder.indices[:4]
+    model = make_model(folder, train_ids, "kernel", n_references=4)
+    model.net.fit_references(descriptors_of(descriptors, train_ids))
+    batches = list(loaders(folder, descriptors, train_ids))
+    grid = [1e-6, 1e-3, 1e-1]
+    full = solve_linear(model, batches, options=SolveOptions(regularisation=grid))
+    n_weights = full["n_weights"]
+    available, _ = available_memory(torch.device("cpu"))
+    fraction = 3 * (n_weights // 3) ** 2 * 8 / available  # three dense copies of P/3 weights
+    record = solve_linear(model, batches, options=SolveOptions(
+        regularisation=grid, solver="cg", memory_fraction=fraction))
+    assert record["solver"] == "cg" and record["selection"] == "cross-validation"
+    assert 0 < record["cv_weights"] <= n_weights // 3 + 1 and record["folds_scored"] == 4
+    best = min(record["grid"], key=lambda row: row["cv_loss"])
+    assert record["regularisation"] == best["regularisation"] and record["converged"]
+    # a different (smaller) model was cross-validated: other held-out losses
+    assert all(a["cv_loss"] != b["cv_loss"] for a, b in zip(record["grid"], full["grid"]))
+    # with room for every weight, the matrix-free solver cross-validates the same problem
+    same = solve_linear(model, batches, options=SolveOptions(regularisation=grid, solver="cg"))
+    assert same["cv_weights"] == n_weights
+    for a, b in zip(same["grid"], full["grid"]):
+        assert a["cv_loss"] == pytest.approx(b["cv_loss"], rel=1e-8)
 
 
 def test_fit_without_validation_structures_cross_validates(folder, tmp_path):
