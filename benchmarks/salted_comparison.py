@@ -49,7 +49,7 @@ check of the conversion (``salted_own_rmse_percent``).
 Prints both learning curves side by side with ratios (rholearn / SALTED),
 writes JSON (``--output``) and a figure per dataset. SALTED's results are kept
 in the JSON: ``--skip-salted`` reruns rholearn alone and reuses them (the split
-must be the same); ``--skip-rholearn`` runs SALTED alone.
+must be the same); ``--skip-rholearn`` runs SALTED alone and keeps rholearn's.
 
 Usage::
 
@@ -353,14 +353,15 @@ def main():
                     args.seed, unseen_molecules=args.dataset == "g2")
     record = {"dataset": args.dataset, "split": {str(n): s for n, s in points.items()},
               "salted": {}, "rholearn": {}, "salted_recipe": SALTED_RECIPE}
-    if args.skip_salted:
-        with open(output) as f:
-            cached = json.load(f)
-        if cached["split"] != record["split"]:
-            raise ValueError(f"'{output}' holds SALTED results for another split: rerun without "
-                             "--skip-salted")
-        record["salted"] = cached["salted"]
-    elif not args.salted_python:
+    for code, skipped in (("salted", args.skip_salted), ("rholearn", args.skip_rholearn)):
+        if skipped and os.path.exists(output):  # the other code's earlier results are kept
+            with open(output) as f:
+                cached = json.load(f)
+            if cached["split"] != record["split"]:
+                raise ValueError(f"'{output}' holds results for another split: rerun without "
+                                 f"--skip-{code}")
+            record[code] = cached[code]
+    if not args.skip_salted and not args.salted_python:
         parser.error("SALTED runs in its own environment: pass --salted-python (or set "
                      "$SALTED_PYTHON), or --skip-salted to reuse earlier SALTED results")
 

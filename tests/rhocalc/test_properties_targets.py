@@ -44,6 +44,9 @@ def _finite_field_polarizability(atoms, options, reference):
             # the dipole's convergence error is divided by 2 FIELD: converge the orbitals tightly
             mean_field.conv_tol_grad = 1e-7
             mean_field.kernel(dm0=reference.make_rdm1())
+            if not mean_field.converged:  # DIIS can stall on an open shell: second-order steps
+                mean_field = mean_field.newton()
+                mean_field.kernel(dm0=mean_field.make_rdm1())
             if not mean_field.converged:
                 raise SCFNotConverged(f"{atoms.get_chemical_formula()} in field {field}")
             dipoles.append(dipole(mean_field))
