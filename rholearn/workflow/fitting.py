@@ -84,7 +84,7 @@ class FitOptions:
         Passed to the descriptor (``n_channels`` for ``"contracted"``); completed
         with the descriptor's defaults, and a key it does not take is refused.
     model_options : dict
-        Passed to the network (kernel: ``n_references``, ``zeta``, ``eigen_cutoff``,
+        Passed to the network (kernel: ``n_references``, ``max_weights``, ``zeta``, ``eigen_cutoff``,
         ``seed``; nonlinear: ``hidden_sizes``, ``width``, ``seed``); completed with
         the network's defaults. A key it does not take is refused, unless it holds
         another model's default (left by switching ``model`` in a written-out file).
