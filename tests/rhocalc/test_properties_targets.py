@@ -74,7 +74,10 @@ def test_restricted_kohn_sham_polarizability_matches_finite_field(water, water_s
 
 
 def test_unrestricted_polarizability_matches_finite_field():
-    radical = ase.Atoms("OH", positions=[[0.0, 0.0, 0.0], [0.2, 0.3, 0.9]], info={"spin": 1})
+    # NH2 (2B1): one unpaired electron in a non-degenerate orbital (OH's 2Pi, a degenerate
+    # pair, made the finite-field SCFs oscillate between the two in some runs)
+    radical = ase.Atoms("NH2", positions=[[0.0, 0.0, 0.0], [0.3, 0.2, 0.98], [0.85, 0.45, -0.35]],
+                        info={"spin": 1})
     options = PySCFOptions(xc="HF", conv_tol=1e-11)
     scf = run_scf(radical, options)
     analytic = polarizability(scf)
