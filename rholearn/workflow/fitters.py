@@ -95,8 +95,8 @@ class DirectFit:
         LOGGER.info(f"direct solve in {record['seconds']['total']:.2f} s: {_solve_summary(record)} "
                     f"(record in '{run.file(SOLVE_FILE)}')")
         if record["cv_skipped"]:
-            LOGGER.warning(f"{record['cv_skipped']}: give validation structures or raise "
-                           "solve.cv_seconds")
+            LOGGER.warning(f"{record['cv_skipped']}: give more training structures, or "
+                           "validation structures")
         if record["edge"]:
             LOGGER.warning(f"the chosen regularisation is the {record['edge']} value of the grid: "
                            "the optimum may lie beyond it (extend solve.regularisation)")
@@ -124,9 +124,12 @@ def _solve_summary(record: Dict[str, Any]) -> str:
     row = next(r for r in record["grid"] if r["regularisation"] == record["regularisation"])
     if record["selection"] == "cross-validation":
         scored = len(record["folds"]), record["folds_scored"]
+        details = [] if scored[0] == scored[1] else [f"{scored[1]} folds scored in the time budget"]
+        if record["cv_weights"] < record["n_weights"]:
+            details.append(f"on the leading {record['cv_weights']} weights, to fit solve.cv_seconds")
+        details.append(f"CV RMSE {row['cv_rmse_percent']:.3g} %")
         chosen += (f" chosen by {scored[0]}-fold cross-validation over the training structures "
-                   f"({'' if scored[0] == scored[1] else f'{scored[1]} folds scored in the time budget, '}"
-                   f"CV RMSE {row['cv_rmse_percent']:.3g} %)")
+                   f"({', '.join(details)})")
     elif record["selection"] == "validation":
         chosen += f" chosen on the validation structures (RMSE {row['val_rmse_percent']:.3g} %)"
     return f"{solver}, {chosen}"

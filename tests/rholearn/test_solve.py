@@ -326,6 +326,20 @@ def test_fit_without_validation_structures_cross_validates(folder, tmp_path):
     assert f"CV RMSE {best['cv_rmse_percent']:.3g} %" in log
 
 
+def test_the_log_says_when_cross_validation_ran_on_the_leading_features(folder, tmp_path):
+    available, _ = available_memory(torch.device("cpu"))
+    fraction = 3 * 100**2 * 8 / available  # dense room for about 100 weights: CG, CV on fewer
+    options = workflow.FitOptions(hypers=HYPERS, n_train=6, n_val=0, n_test=2,
+                                  solve=SolveOptions(solver="cg", memory_fraction=fraction))
+    result = workflow.fit(folder.root, str(tmp_path / "run"), options)
+    with open(os.path.join(result.run_dir, workflow.SOLVE_FILE)) as f:
+        record = json.load(f)
+    assert record["solver"] == "cg" and record["converged"]
+    assert 0 < record["cv_weights"] <= 101 < record["n_weights"]
+    with open(os.path.join(result.run_dir, "train.log")) as f:
+        assert f"on the leading {record['cv_weights']} weights, to fit solve.cv_seconds" in f.read()
+
+
 def test_cross_validation_over_structures_with_different_elements(tmp_path):
     """Folds cut batches of waters and methanes: a fold's share lacks some elements."""
     mixed = read_dataset(waters_and_methanes(str(tmp_path / "mixed"), 4, 2, 0.05))
