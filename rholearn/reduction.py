@@ -140,12 +140,12 @@ def sum_metric(numbers: Sequence[int], system: int, lambdas: Sequence[int],
     atoms = _atoms_of(numbers)
     keys, blocks = [], []
     for l in sorted(lambdas):
+        eye = torch.eye(2 * l + 1, dtype=dtype, device=device)
+        mu = torch.arange(-l, l + 1, dtype=torch.int32).reshape(-1, 1)
         for z_1 in sorted(atoms):
             for z_2 in sorted(atoms):
                 pairs = torch.tensor([[system, i, j] for i in atoms[z_1] for j in atoms[z_2]],
                                      dtype=torch.int32)
-                eye = torch.eye(2 * l + 1, dtype=dtype, device=device)
-                mu = torch.arange(-l, l + 1, dtype=torch.int32).reshape(-1, 1)
                 blocks.append(TensorBlock(
                     eye.expand(len(pairs), -1, -1).reshape(len(pairs), 2 * l + 1, 2 * l + 1, 1).clone(),
                     Labels(layout.PAIR_SAMPLE_NAMES, pairs).to(device),

@@ -263,7 +263,7 @@ def reference_counts(atoms: Dict[int, int], n_references: int, weights_per_refer
 
     if max_weights is None or weights(n_references) <= max_weights:
         return counts
-    cap = max(1, max((c for c in range(1, n_references + 1) if weights(c) <= max_weights), default=1))
+    cap = max((c for c in range(1, n_references + 1) if weights(c) <= max_weights), default=1)
     return {z: min(count, cap) for z, count in counts.items()}
 
 
