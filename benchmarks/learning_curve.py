@@ -82,6 +82,23 @@ def splits(name: str, folder, train_sizes, n_test: int, n_val: int, n_test_molec
     return {n: {"train": pool[:n], "val": val, "test": test} for n in train_sizes}
 
 
+def small_to_large_splits(folder, train_sizes, seed: int):
+    """``{n_train: split}`` of a set of molecules (g2): the test set is every copy of the
+    molecules with the most non-hydrogen atoms, the nested training sets come from the
+    smaller molecules (a shuffled pool)."""
+    def heavy(i):
+        return int((folder.frames[i].numbers > 1).sum())
+
+    largest = max(heavy(i) for i in folder.indices)
+    test = [int(i) for i in folder.indices if heavy(i) == largest]
+    pool = [int(i) for i in np.random.default_rng(seed).permutation(
+        [i for i in folder.indices if heavy(i) < largest])]
+    if max(train_sizes) > len(pool):
+        raise ValueError(f"{len(pool)} structures of molecules smaller than the largest, fewer "
+                         f"than {max(train_sizes)}")
+    return {n: {"train": pool[:n], "val": [], "test": test} for n in train_sizes}
+
+
 def fit_options(model: str, args) -> workflow.FitOptions:
     """The options of each benchmarked model (``--descriptor`` for all)."""
     return dataclasses.replace(_model_options(model, args), descriptor=args.descriptor,
@@ -200,7 +217,7 @@ def main():
                         json.dump({"torch_threads": 1, "torch": torch.__version__, "results": rows},
                                   f, indent=1)
                     print_table(rows[-1:])
-    print(f"\n1 torch / PySCF thread; train s: after the descriptors")
+    print("\n1 torch / PySCF thread; train s: after the descriptors")
     print_table(rows)
     figure = os.path.splitext(args.output)[0] + ".png"
     curves = {}

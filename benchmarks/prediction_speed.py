@@ -45,6 +45,8 @@ import torch
 from ase.collections import s22
 
 from rholearn.basis import BasisSet
+from rholearn.descriptors import DEFAULT_HYPERS
+from rholearn.options import merge
 from rholearn.models import DensityModel
 from rholearn.rotations import random_rotation
 
@@ -84,8 +86,10 @@ def load_basis(path) -> BasisSet:
         return BasisSet.from_dict(json.load(f))
 
 
-def make_model(descriptor: str, fit_frames, basis, device: str, dtype: torch.dtype) -> DensityModel:
-    model = DensityModel(load_basis(basis), descriptor=descriptor)
+def make_model(descriptor: str, fit_frames, basis, device: str, dtype: torch.dtype,
+               max_angular: int) -> DensityModel:
+    hypers = merge(DEFAULT_HYPERS, {"basis": {"max_angular": max_angular}})
+    model = DensityModel(load_basis(basis), hypers, descriptor=descriptor)
     model.fit_descriptor(fit_frames)
     return model.to(device=device, dtype=dtype)
 
@@ -123,12 +127,14 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def box_child(descriptor: str, n_side: int, repeats: int, basis, device: str, dtype: str) -> dict:
+def box_child(descriptor: str, n_side: int, repeats: int, basis, device: str, dtype: str,
+              max_angular: int) -> dict:
     """Run in a subprocess: time and peak memory of predicting one water box."""
     torch.set_num_threads(1)
     box = water_box(n_side)
     model = make_model(
-        descriptor, [s22["Uracil_dimer_h-bonded"], box], basis, device, getattr(torch, dtype)
+        descriptor, [s22["Uracil_dimer_h-bonded"], box], basis, device, getattr(torch, dtype),
+        max_angular,
     )
     model.predict([ase.build.molecule("H2O")])  # scripting, allocator warm-up
     synchronize(device)
@@ -151,7 +157,8 @@ def box_child(descriptor: str, n_side: int, repeats: int, basis, device: str, dt
 
 def run_box(descriptor: str, n_side: int, args) -> dict:
     command = [sys.executable, os.path.abspath(__file__), "--child", descriptor, str(n_side),
-               "--repeats", str(args.box_repeats), "--device", args.device, "--dtype", args.dtype]
+               "--repeats", str(args.box_repeats), "--device", args.device, "--dtype", args.dtype,
+               "--max-angular", str(args.max_angular)]
     if args.basis:
         command += ["--basis", args.basis]
     output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
@@ -192,18 +199,21 @@ def main():
     parser.add_argument("--child", nargs=2, metavar=("DESCRIPTOR", "N_SIDE"), help=argparse.SUPPRESS)
     parser.add_argument("--basis", help="BasisSet JSON (BasisSet.to_dict) instead of PySCF's "
                         "def2-universal-jkfit, for machines without PySCF")
+    parser.add_argument("--max-angular", type=int, default=DEFAULT_HYPERS["basis"]["max_angular"],
+                        help="the lambda-SOAP's max_angular (default: the default hypers')")
     parser.add_argument("--output", default=None)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(box_child(args.child[0], int(args.child[1]), args.box_repeats,
-                                   args.basis, args.device, args.dtype)))
+                                   args.basis, args.device, args.dtype, args.max_angular)))
         return
     if args.quick:
         args.repeats, args.box_sides, args.stock_max_atoms = 5, [4, 6], 0
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
     output = args.output or os.path.join(
-        OUTPUT_DIR, f"prediction_speed_{args.device.split(':')[0]}{'_quick' if args.quick else ''}.json"
+        OUTPUT_DIR, f"prediction_speed_{args.device.split(':')[0]}{'_quick' if args.quick else ''}"
+        f"_l{args.max_angular}.json"
     )
 
     dimer = s22["Uracil_dimer_h-bonded"]
@@ -218,7 +228,8 @@ def main():
     rows = {}
     for descriptor in args.descriptors:
         print(f"{descriptor}: molecules", flush=True)
-        model = make_model(descriptor, [dimer] + waters, args.basis, args.device, dtype)
+        model = make_model(descriptor, [dimer] + waters, args.basis, args.device, dtype,
+                           args.max_angular)
         repeats = args.repeats if descriptor == "contracted" else max(2, args.repeats // 10)
         in_features = dict(zip(model.keys, model.in_features))
         rows[descriptor] = {

@@ -9,7 +9,10 @@ rholearn on the same structures in this process.
 Split (:func:`learning_curve.splits`, no validation structures): a fixed test
 set (``--n-test`` 20 structures; for ``g2`` every copy of
 ``--g2-test-molecules`` molecules never trained on) and nested training sets,
-the first N of the rest (``--train-sizes`` 10 30 100).
+the first N of the rest (``--train-sizes`` 10 30 100). With ``--small-to-large``
+(:func:`learning_curve.small_to_large_splits`) the test set is every copy of the
+molecules with the most non-hydrogen atoms (g2: 3) and the training sets come from
+the smaller ones; results go to ``salted_<dataset>_small_to_large.json``.
 
 - rholearn: :func:`rholearn.workflow.fit` with the default
   ``FitOptions()`` and ``split={"train": first N, "val": [], "test": test}``;
@@ -80,7 +83,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import datasets  # noqa: E402  (the benchmark datasets, next to this script)
-from learning_curve import splits, training_seconds  # noqa: E402
+from learning_curve import small_to_large_splits, splits, training_seconds  # noqa: E402
 
 from rholearn import layout, workflow  # noqa: E402
 from rholearn.data import TargetFile  # noqa: E402
@@ -277,7 +280,7 @@ def rholearn_point(dataset: str, run_dir: str, split) -> dict:
 def print_table(name: str, salted: Dict[str, dict], rholearn: Dict[str, dict]) -> None:
     print(f"\n{name}: test % RMSE and training seconds (1 thread each; rholearn: whole fit)")
     print(f"{'N':>4}  {'SALTED %':>9}  {'rholearn %':>10}  {'ratio':>6}  "
-          f"{'SALTED s':>9}  {'rholearn s':>10}  {'ratio':>6}  converged")
+          f"{'SALTED s':>9}  {'rholearn s':>10}  {'ratio':>6}  converged  hypers searched: kept")
     for n in sorted(set(salted) | set(rholearn), key=int):
         s, r = salted.get(n, {}), rholearn.get(n, {})
         cells = [f"{n:>4}"]
@@ -285,7 +288,9 @@ def print_table(name: str, salted: Dict[str, dict], rholearn: Dict[str, dict]) -
             a = s.get("train_seconds") if key == "time" else s.get(key)
             b = r.get("fit_seconds") if key == "time" else r.get(key)
             cells += [_cell(a, 9), _cell(b, 10), _cell(b / a if a and b else None, 6, ".2f")]
-        cells.append(str(r.get("solve", {}).get("converged", "-")))
+        cells.append(f"{str(r.get('solve', {}).get('converged', '-')):>9}")
+        search = r.get("solve", {}).get("search")
+        cells.append("-" if search is None else f"{len(search['trials'])}: {search['chosen'] or 'requested'}")
         print("  ".join(cells))
 
 
@@ -339,18 +344,24 @@ def main():
     parser.add_argument("--n-test", type=int, default=20)
     parser.add_argument("--g2-test-molecules", type=int, default=7)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--small-to-large", action="store_true",
+                        help="test on the molecules with the most heavy atoms, train on the others")
     parser.add_argument("--work", default=os.path.join(datasets.OUTPUT_DIR, "salted"),
                         help="SALTED's work folders: WORK/<dataset>/N<n>")
     parser.add_argument("--output", help="JSON (default: benchmarks/output/salted_<dataset>.json); "
                         "the figure goes next to it")
     args = parser.parse_args()
-    output = args.output or os.path.join(datasets.OUTPUT_DIR, f"salted_{args.dataset}.json")
+    name = args.dataset + ("_small_to_large" if args.small_to_large else "")
+    output = args.output or os.path.join(datasets.OUTPUT_DIR, f"salted_{name}.json")
     torch.set_num_threads(1)
     pyscf.lib.num_threads(1)
     dataset = datasets.compute(args.dataset, datasets.datasets()[args.dataset]())
     folder = read_dataset(dataset)
-    points = splits(args.dataset, folder, args.train_sizes, args.n_test, 0, args.g2_test_molecules,
-                    args.seed, unseen_molecules=args.dataset == "g2")
+    if args.small_to_large:
+        points = small_to_large_splits(folder, args.train_sizes, args.seed)
+    else:
+        points = splits(args.dataset, folder, args.train_sizes, args.n_test, 0,
+                        args.g2_test_molecules, args.seed, unseen_molecules=args.dataset == "g2")
     record = {"dataset": args.dataset, "split": {str(n): s for n, s in points.items()},
               "salted": {}, "rholearn": {}, "salted_recipe": SALTED_RECIPE}
     for code, skipped in (("salted", args.skip_salted), ("rholearn", args.skip_rholearn)):
@@ -374,7 +385,7 @@ def main():
         for n, split in points.items():
             if not args.skip_salted:
                 print(f"{args.dataset}: SALTED, {n} training structures", flush=True)
-                work = os.path.join(args.work, args.dataset, f"N{n}")
+                work = os.path.join(args.work, name, f"N{n}")
                 record["salted"][str(n)] = salted_point(args.salted_python, work, folder, split)
                 write()
             if not args.skip_rholearn:
@@ -382,11 +393,11 @@ def main():
                 record["rholearn"][str(n)] = rholearn_point(dataset, os.path.join(runs, f"N{n}"),
                                                             split)
                 write()
-            print_table(args.dataset, {k: v for k, v in record["salted"].items() if k == str(n)},
+            print_table(name, {k: v for k, v in record["salted"].items() if k == str(n)},
                         {k: v for k, v in record["rholearn"].items() if k == str(n)})
-    print_table(args.dataset, record["salted"], record["rholearn"])
+    print_table(name, record["salted"], record["rholearn"])
     figure = os.path.splitext(output)[0] + ".png"
-    plot(args.dataset, record["salted"], record["rholearn"], figure)
+    plot(name, record["salted"], record["rholearn"], figure)
     print(f"wrote {output} and {figure}")
 
 

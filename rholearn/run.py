@@ -12,6 +12,7 @@ resumed, cleaned and read back (as :mod:`rholearn.dataset` is for datasets)::
       checkpoint_last.pt    gradient training: everything needed to resume
       checkpoint_best.pt    gradient training: the weights of the best epoch
       descriptors/          cached lambda-SOAP, one file per structure
+      descriptors_search/   the same for the hyper search's other descriptor settings
       evaluation_<subset>/  rholearn evaluate: errors, chemiscope map, plots, coefficients
       model-atomistic.pt    rholearn export
 
@@ -52,6 +53,8 @@ SOLVE_FILE = "solve.json"
 LAST_CHECKPOINT = "checkpoint_last.pt"
 BEST_CHECKPOINT = "checkpoint_best.pt"
 DESCRIPTOR_CACHE = "descriptors"
+SEARCH_CACHE = "descriptors_search"
+"""``RUN/descriptors_search/<settings>/``: the descriptor caches of the hyper search's candidates."""
 EVALUATION_PREFIX = "evaluation_"
 """``RUN/evaluation_<subset>/``: what ``rholearn evaluate`` writes."""
 ERRORS_FILE = "errors.json"
@@ -103,6 +106,11 @@ class RunFolder:
     def descriptor_cache(self) -> str:
         return self.file(DESCRIPTOR_CACHE)
 
+    def search_cache(self, settings: str) -> str:
+        """``RUN/descriptors_search/<settings>``: the descriptor cache of a search candidate
+        (``settings``: a name of its descriptor settings)."""
+        return os.path.join(self.file(SEARCH_CACHE), settings)
+
     def evaluation_dir(self, subset: str) -> str:
         """``RUN/evaluation_<subset>``: where the evaluation on ``subset`` goes."""
         return self.file(f"{EVALUATION_PREFIX}{subset}")
@@ -114,7 +122,8 @@ class RunFolder:
             return []
         return sorted(
             name for name in os.listdir(self.path)
-            if name in RUN_FILES or name == DESCRIPTOR_CACHE or name.startswith(EVALUATION_PREFIX)
+            if name in RUN_FILES or name in (DESCRIPTOR_CACHE, SEARCH_CACHE)
+            or name.startswith(EVALUATION_PREFIX)
         )
 
     def options(self) -> Dict[str, Any]:

@@ -138,7 +138,7 @@ class SolveOptions:
     solver: str = "auto"
     memory_fraction: float = 0.5
     folds: Optional[int] = None
-    loo_max: int = 10
+    loo_max: int = 5
     cv_seconds: float = 300.0
     fallback_regularisation: float = 1e-8
     cg_tolerance: float = 1e-8

@@ -78,6 +78,11 @@ class DirectFit:
             val_data: Optional[IndexedDataset], run: RunFolder) -> Dict[str, Any]:
         """Solve, write ``solve.json`` and ``model.pt``; the record is ``solve.json``'s
         with ``history`` (its ``grid``: one row per regularisation strength)."""
+        return self.save(model, self.solve(model, train_data, val_data), run)
+
+    def solve(self, model: DensityModel, train_data: IndexedDataset,
+              val_data: Optional[IndexedDataset]) -> Dict[str, Any]:
+        """Set the weights of ``model`` to the solution; return the solve's record."""
         solve = self.options.solve
         model.to(device=torch.device(self.options.train.device),
                  dtype=self.options.train.torch_dtype)
@@ -89,6 +94,12 @@ class DirectFit:
         distributed.broadcast_module(model.net)  # every process holds process 0's weights
         record["seconds"]["total"] = time.perf_counter() - start
         record["seconds"].update(self.seconds)
+        return record
+
+    @staticmethod
+    def save(model: DensityModel, record: Dict[str, Any], run: RunFolder) -> Dict[str, Any]:
+        """Write ``solve.json`` and ``model.pt`` (process 0), log how the solve went and
+        return the record with ``history``."""
         if not distributed.is_main():
             return {**record, "history": record["grid"]}
         write_json(run.file(SOLVE_FILE), record)

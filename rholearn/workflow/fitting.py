@@ -29,9 +29,11 @@ from ..models.density_model import DEFAULT_DESCRIPTOR, NETS
 from ..reduction import StructureTensor, make_tensor_dataset
 from ..options import keyword_options, merge, read_yaml, to_dict
 from ..run import SPLIT_FILE, RunFolder, new_run_path
+from ..runlog import LOGGER
 from ..solve import SolveOptions, linear_parts
 from ..train import RESUMABLE_OPTIONS, TrainOptions
-from .fitters import FITTERS, LOSSES
+from .fitters import FITTERS, LOSSES, DirectFit
+from .search import SearchOptions, applicable_space, descriptor_name, search
 
 SOLVERS = tuple(FITTERS)
 SUBSETS = SPLIT_SUBSETS
@@ -93,6 +95,10 @@ class FitOptions:
         uses its dtype and device).
     solve : SolveOptions
         Regularisation grid and linear solver (``solver="direct"``).
+    search : SearchOptions
+        Hypers chosen by the direct solve's cross-validation (or validation) loss
+        within a time budget (:mod:`~rholearn.workflow.search`; ``solver="direct"``
+        only): the candidates tried and their scores are in ``solve.json``.
     """
 
     model: str = "kernel"
@@ -110,6 +116,7 @@ class FitOptions:
     model_options: dict = dataclasses.field(default_factory=dict)
     train: TrainOptions = dataclasses.field(default_factory=TrainOptions)
     solve: SolveOptions = dataclasses.field(default_factory=SolveOptions)
+    search: SearchOptions = dataclasses.field(default_factory=SearchOptions)
 
     def __post_init__(self):
         if self.model not in NETS:
@@ -149,6 +156,8 @@ class FitOptions:
             self.train = TrainOptions(**self.train)
         if isinstance(self.solve, dict):
             self.solve = SolveOptions(**self.solve)
+        if isinstance(self.search, dict):
+            self.search = SearchOptions(**self.search)
 
 
 @dataclasses.dataclass
@@ -205,6 +214,7 @@ def fit(
         Remove the run in ``run_dir`` (its own files only) and start again.
     """
     distributed.initialise(options.train.device)
+    applicable_space(options)  # a search path that is not an option is refused before any work
     folder = read_dataset(dataset)
     run = RunFolder(distributed.broadcast_object(run_dir or new_run_path()))
     if split is not None:
@@ -242,32 +252,58 @@ def _fit(folder, run: RunFolder, options: FitOptions, resume: bool, split, log) 
         basis = folder.basis
         coefficients = TargetFile(folder.root, layout.COEFFICIENTS_FILE, dtype, torch.device("cpu"))
         baseline = Baseline.from_coefficients(coefficients(i) for i in split["train"])
+    log.info(_banner(folder, run, options, split, resume))
+
+    def prepare(candidate: FitOptions, fitter):
+        """The model of ``candidate`` with its descriptors and references, and the datasets."""
+        cache = run.descriptor_cache if descriptor_name(candidate) == descriptor_name(options) \
+            else run.search_cache(descriptor_name(candidate))
+        return _prepare(folder, candidate, basis, baseline, kind, split, cache, fitter)
+
+    if options.solver == "direct" and options.search.seconds > 0 and applicable_space(options):
+        def solve(candidate: FitOptions):
+            fitter = DirectFit(candidate, resume)
+            model, datasets = prepare(candidate, fitter)
+            return model, fitter.solve(model, datasets["train"], datasets["val"])
+
+        _, model, record = search(options, solve)
+        history = DirectFit.save(model, record, run)["history"]
+    else:
+        fitter = FITTERS[options.solver](options, resume)
+        model, datasets = prepare(options, fitter)
+        history = fitter.fit(model, datasets["train"], datasets["val"], run)["history"]
+    return FitResult(model=model, history=history, split=split, run_dir=run.path)
+
+
+def _prepare(folder, options: FitOptions, basis, baseline, kind, split, cache: str, fitter):
+    """A model of ``options`` on ``basis`` and ``baseline``: its descriptor fitted and
+    computed into ``cache`` for the training and validation structures, the kernel
+    model's references chosen (their time added to ``fitter.seconds``); and the
+    ``train`` and ``val`` datasets of the targets ``fitter`` reads (``val`` ``None``
+    without validation structures)."""
     model = DensityModel(
-        basis, options.hypers, options.model, baseline, dtype=dtype,
+        basis, options.hypers, options.model, baseline, dtype=options.train.torch_dtype,
         descriptor=options.descriptor, descriptor_options=options.descriptor_options,
         target=kind.name, **options.model_options
     )
-    log.info(_banner(folder, run, options, split, resume))
     model.fit_descriptor([folder.frames[i] for i in split["train"]])  # hashed in the cache settings
-    _fill_descriptor_cache(model, folder.frames, split["train"] + split["val"],
-                           run.descriptor_cache)
-    descriptors = StructureDescriptors(model.descriptor, folder.frames, run.descriptor_cache)
+    _fill_descriptor_cache(model, folder.frames, split["train"] + split["val"], cache)
+    descriptors = StructureDescriptors(model.descriptor, folder.frames, cache)
     start = time.perf_counter()
     if hasattr(model.net, "fit_references"):  # kernel model: references from the training atoms
         model.net.fit_references(_joined([descriptors(i) for i in split["train"]]))
     distributed.broadcast_module(model)  # every process starts from process 0's model
-    fitter = FITTERS[options.solver](options, resume, {"references": time.perf_counter() - start})
+    fitter.seconds["references"] = time.perf_counter() - start
     datasets = {
-        name: make_tensor_dataset(folder, kind, basis, split[name], descriptors, dtype,
-                                  options.train.device) if kind.is_tensor else
-        make_dataset(folder, split[name], descriptors, fitter.targets, dtype,
+        name: make_tensor_dataset(folder, kind, basis, split[name], descriptors,
+                                  options.train.torch_dtype, options.train.device)
+        if kind.is_tensor else
+        make_dataset(folder, split[name], descriptors, fitter.targets, options.train.torch_dtype,
                      options.train.device)
         for name in ("train", "val")
     }
-    log.info(f"{_n_weights(model)} weights; device {options.train.device}, "
-             f"{options.train.dtype}")
-    record = fitter.fit(model, datasets["train"], datasets["val"] if split["val"] else None, run)
-    return FitResult(model=model, history=record["history"], split=split, run_dir=run.path)
+    LOGGER.info(f"{_n_weights(model)} weights; device {options.train.device}, {options.train.dtype}")
+    return model, {"train": datasets["train"], "val": datasets["val"] if split["val"] else None}
 
 
 def _tensor_targets(folder, kind, split, dtype):

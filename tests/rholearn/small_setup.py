@@ -19,6 +19,15 @@ HYPERS = {
 }
 
 
+def water_dataset(root: str, n: int, seed: int) -> str:
+    """A dataset at ``root`` of ``n`` distorted waters (``rhocalc.structures.distorted_waters``)."""
+    from rhocalc.structures import distorted_waters
+
+    run_batch(distorted_waters(n, seed=seed), root, functools.partial(compute_targets, options=OPTIONS),
+              basis_set(OPTIONS.auxbasis, ["H", "O"]), progress=False)
+    return root
+
+
 def waters_and_methanes(root: str, n: int, methane_every: int, rattle: float) -> str:
     """A dataset at ``root`` of ``n`` rattled molecules (``rattle`` Angstrom): a methane
     where ``seed % methane_every == 0``, else a water."""

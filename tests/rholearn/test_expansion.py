@@ -108,7 +108,9 @@ def test_all_pairs_match_ase_neighbour_list():
 @pytest.mark.parametrize("frame", [0, 3], ids=["molecule", "periodic"])
 def test_position_and_cell_gradients_equal_featomic(frame):
     generator = torch.Generator().manual_seed(frame)
-    weights = torch.randn(25, 24, generator=generator, dtype=torch.float64)
+    n_m = (DEFAULT_HYPERS["basis"]["max_angular"] + 1) ** 2
+    n_channels = len(ATOM_TYPES) * (DEFAULT_HYPERS["basis"]["radial"]["max_radial"] + 1)
+    weights = torch.randn(n_m, n_channels, generator=generator, dtype=torch.float64)
     gradients = []
     atoms = FRAMES[frame]
     for expansion in (FeatomicExpansion(DEFAULT_HYPERS, ATOM_TYPES), TorchExpansion(DEFAULT_HYPERS, ATOM_TYPES)):

@@ -3,7 +3,6 @@ block-Jacobi CG agrees with the dense solve and reports when it stops unconverge
 the regularisation is chosen by cross-validation (equal to refitting without each
 fold) or on validation structures, and ``workflow.fit`` uses it by default."""
 
-import functools
 import json
 import os
 
@@ -15,20 +14,13 @@ from rholearn.dataset import read_dataset
 from rholearn.loss import OverlapLoss
 from rholearn.models import Baseline, DensityModel
 from rholearn.solve import SolveOptions, available_memory, linear_parts, solve_linear
-from rhocalc.batch import run_batch
-from rhocalc.pyscf import basis_set, compute_targets
-from rhocalc.structures import distorted_waters
 
-from small_setup import HYPERS, OPTIONS, waters_and_methanes
+from small_setup import HYPERS, water_dataset, waters_and_methanes
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("waters"))
-    compute = functools.partial(compute_targets, options=OPTIONS)
-    run_batch(distorted_waters(12, seed=3), root, compute, basis_set(OPTIONS.auxbasis, ["H", "O"]),
-              progress=False)
-    return read_dataset(root)
+    return read_dataset(water_dataset(str(tmp_path_factory.mktemp("waters")), 12, seed=3))
 
 
 @pytest.fixture(scope="module")
@@ -316,13 +308,14 @@ def test_fit_without_validation_structures_cross_validates(folder, tmp_path):
     with open(os.path.join(result.run_dir, workflow.SOLVE_FILE)) as f:
         record = json.load(f)
     assert record["selection"] == "cross-validation" and record["converged"]
-    assert record["folds"] == [[i] for i in sorted(result.split["train"])]  # leave-one-out
+    train = sorted(result.split["train"])  # 5 folds of contiguous ids (leave-one-out up to 5)
+    assert record["folds"] == [train[0:2], train[2:4], train[4:5], train[5:7], train[7:8]]
     assert len(record["grid"]) == len(SolveOptions().grid())
     best = min(record["grid"], key=lambda row: row["cv_loss"])
     assert record["regularisation"] == best["regularisation"]
     with open(os.path.join(result.run_dir, "train.log")) as f:
         log = f.read()
-    assert f"regularisation {record['regularisation']:g} chosen by 8-fold cross-validation" in log
+    assert f"regularisation {record['regularisation']:g} chosen by 5-fold cross-validation" in log
     assert f"CV RMSE {best['cv_rmse_percent']:.3g} %" in log
 
 
