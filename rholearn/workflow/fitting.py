@@ -266,7 +266,7 @@ def _fit(folder, run: RunFolder, options: FitOptions, resume: bool, split, log) 
             model, datasets = prepare(candidate, fitter)
             return model, fitter.solve(model, datasets["train"], datasets["val"])
 
-        _, model, record = search(options, solve)
+        model, record = search(options, solve)
         history = DirectFit.save(model, record, run)["history"]
     else:
         fitter = FITTERS[options.solver](options, resume)

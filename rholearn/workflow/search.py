@@ -142,9 +142,6 @@ class Trial:
     regularisation: float
     seconds: float
 
-    def as_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
 
 def score(record: Dict[str, Any]) -> Tuple[float, float]:
     """``(loss per structure, % RMSE)`` of a solve's chosen strength: held-out
@@ -156,7 +153,8 @@ def score(record: Dict[str, Any]) -> Tuple[float, float]:
 
 def search(options: "FitOptions", solve: Callable[["FitOptions"], Tuple[Any, Dict[str, Any]]]):
     """Run the coordinate search (module docstring) and return the best candidate's
-    ``(options, model, record)``, the record with ``search`` added.
+    ``(model, record)``, the record with ``search`` added (``search.chosen``: what
+    differs from ``options``).
 
     Parameters
     ----------
@@ -198,14 +196,15 @@ def search(options: "FitOptions", solve: Callable[["FitOptions"], Tuple[Any, Dic
             break  # nothing to compare candidates by
     best_record["search"] = {
         "space": space, "seconds": budget, "spent_seconds": time.perf_counter() - start,
-        "trials": [trial.as_dict() for trial in trials], "chosen": best_changes, "skipped": skipped,
+        "trials": [dataclasses.asdict(trial) for trial in trials], "chosen": best_changes,
+        "skipped": skipped,
     }
     if len(trials) > 1 or skipped:
         LOGGER.info(f"search: kept {_describe(best_changes)} ({len(trials)} "
                     f"candidate{'s' if len(trials) > 1 else ''} in "
                     f"{best_record['search']['spent_seconds']:.1f} s"
                     + (f"; {len(skipped)} left out for search.seconds = {budget:g}" if skipped else "") + ")")
-    return best_options, best_model, best_record
+    return best_model, best_record
 
 
 def _describe(changes: Dict[str, Any]) -> str:
