@@ -260,13 +260,14 @@ def _fit(folder, run: RunFolder, options: FitOptions, resume: bool, split, log) 
             else run.search_cache(descriptor_name(candidate))
         return _prepare(folder, candidate, basis, baseline, kind, split, cache, fitter)
 
-    if options.solver == "direct" and options.search.seconds > 0 and applicable_space(options):
+    space = applicable_space(options) if options.solver == "direct" and options.search.seconds > 0 else {}
+    if space:
         def solve(candidate: FitOptions):
             fitter = DirectFit(candidate, resume)
             model, datasets = prepare(candidate, fitter)
             return model, fitter.solve(model, datasets["train"], datasets["val"])
 
-        model, record = search(options, solve)
+        model, record = search(options, space, solve)
         history = DirectFit.save(model, record, run)["history"]
     else:
         fitter = FITTERS[options.solver](options, resume)

@@ -151,7 +151,8 @@ def score(record: Dict[str, Any]) -> Tuple[float, float]:
     return row[f"{kind}_loss"], row[f"{kind}_rmse_percent"]
 
 
-def search(options: "FitOptions", solve: Callable[["FitOptions"], Tuple[Any, Dict[str, Any]]]):
+def search(options: "FitOptions", space: Dict[str, List[Any]],
+           solve: Callable[["FitOptions"], Tuple[Any, Dict[str, Any]]]):
     """Run the coordinate search (module docstring) and return the best candidate's
     ``(model, record)``, the record with ``search`` added (``search.chosen``: what
     differs from ``options``).
@@ -160,12 +161,13 @@ def search(options: "FitOptions", solve: Callable[["FitOptions"], Tuple[Any, Dic
     ----------
     options : FitOptions
         The requested options (the first candidate).
+    space : dict
+        The alternatives to try (:func:`applicable_space` of ``options``).
     solve : callable
         ``solve(candidate_options) -> (model, solve record)``: prepares and solves
         one candidate (:func:`rholearn.solve.solve_linear`'s record).
     """
     budget = options.search.seconds
-    space = applicable_space(options)
     start = time.perf_counter()
     best_options, best_changes = options, {}
     best_model, best_record, best_score = None, None, float("nan")

@@ -8,6 +8,7 @@ import ase.build
 
 from rhocalc.batch import run_batch
 from rhocalc.pyscf import PySCFOptions, basis_set, compute_targets
+from rhocalc.structures import distorted_waters
 
 OPTIONS = PySCFOptions(xc="HF", basis="sto-3g", auxbasis="def2-universal-jfit", grid_level=0)
 HYPERS = {
@@ -21,8 +22,6 @@ HYPERS = {
 
 def water_dataset(root: str, n: int, seed: int) -> str:
     """A dataset at ``root`` of ``n`` distorted waters (``rhocalc.structures.distorted_waters``)."""
-    from rhocalc.structures import distorted_waters
-
     run_batch(distorted_waters(n, seed=seed), root, functools.partial(compute_targets, options=OPTIONS),
               basis_set(OPTIONS.auxbasis, ["H", "O"]), progress=False)
     return root
