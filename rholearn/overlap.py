@@ -229,6 +229,29 @@ class _PairGroup(NamedTuple):
     matrices: torch.Tensor  # (P, F_1, F_2) blocks S_ij
 
 
+class DenseSystem(NamedTuple):
+    """One structure's overlap as a dense matrix, and where its coefficients sit in it.
+
+    Rows follow :class:`SparseOverlap`'s atom rows: elements in the layout's order,
+    atoms by index, an atom's blocks by ``o3_lambda``, ``m``-major within a block.
+    """
+
+    system: int  # the structure id
+    matrix: torch.Tensor  # (r, r): S of the structure, r its number of basis functions
+    places: List[Tuple[int, torch.Tensor, torch.Tensor]]
+    """Per layout block holding the structure's atoms: ``(block index, block rows
+    (atoms,), positions (atoms, (2 lambda + 1) n) in the matrix's rows)``."""
+
+    def vector(self, values: List[torch.Tensor]) -> torch.Tensor:
+        """The structure's coefficients ``(r, *extra)`` from per-block ``values`` of shape
+        ``(block rows, 2 lambda + 1, n, *extra)`` (the layout's blocks, in order)."""
+        extra = values[self.places[0][0]].shape[3:]
+        out = values[0].new_zeros((len(self.matrix),) + tuple(extra))
+        for index, rows, positions in self.places:
+            out[positions.reshape(-1)] = values[index][rows].reshape((-1,) + tuple(extra))
+        return out
+
+
 class SparseOverlap:
     """The overlap of a batch, indexed against the rows of one coefficient layout.
 
@@ -399,6 +422,47 @@ class SparseOverlap:
         for element in self._elements.values():
             tensors += [element.ids, *element.orders, *element.inverses]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def system_sizes(self) -> torch.Tensor:
+        """Basis functions ``r`` of every structure (``systems`` order), int64 ``(systems,)``."""
+        sizes = torch.zeros(len(self.systems), dtype=torch.int64, device=self.systems.device)
+        for element in self._elements.values():
+            slots = _lookup(self.systems, element.ids >> _BITS)[0]
+            sizes += torch.bincount(slots, minlength=len(self.systems)) * element.columns[-1].stop
+        return sizes
+
+    def dense_systems(self) -> List[DenseSystem]:
+        """Every structure's overlap as a dense ``(r, r)`` matrix (memory ``r^2`` each:
+        for a few structures at a time, e.g. one batch)."""
+        sizes = self.system_sizes().tolist()
+        positions, slots = {}, {}  # element -> first row of each atom in its structure; its slot
+        taken = torch.zeros(len(self.systems), dtype=torch.int64, device=self.systems.device)
+        for z, element in self._elements.items():
+            slot = _lookup(self.systems, element.ids >> _BITS)[0]
+            counts = torch.bincount(slot, minlength=len(self.systems))
+            first_atom = torch.cumsum(counts, 0) - counts  # element row of each structure's first atom
+            rank = torch.arange(len(slot), device=slot.device) - first_atom[slot]
+            width = element.columns[-1].stop
+            positions[z], slots[z] = taken[slot] + rank * width, slot
+            taken += counts * width
+        systems = []
+        for s, size in enumerate(sizes):
+            matrix = self.layout.block(0).values.new_zeros((size, size))
+            for g in self._groups:
+                mine = g.slots == s
+                first_1 = positions[g.element_1][g.rows_1[mine]]
+                first_2 = positions[g.element_2][g.rows_2[mine]]
+                columns_1 = first_1[:, None] + torch.arange(g.matrices.shape[1], device=first_1.device)
+                columns_2 = first_2[:, None] + torch.arange(g.matrices.shape[2], device=first_2.device)
+                matrix[columns_1[:, :, None], columns_2[:, None, :]] = g.matrices[mine]
+            places = []
+            for z, element in self._elements.items():
+                atoms = (slots[z] == s).nonzero().reshape(-1)  # sorted atom rows of this structure
+                for index, columns, order in zip(element.blocks, element.columns, element.orders):
+                    offsets = torch.arange(columns.start, columns.stop, device=atoms.device)
+                    places.append((index, order[atoms], positions[z][atoms, None] + offsets))
+            systems.append(DenseSystem(int(self.systems[s]), matrix, places))
+        return systems
 
     # ------------------------------------------------------------- products ---
     def _check_layout(self, tensor: TensorMap, name: str) -> None:

@@ -282,8 +282,9 @@ class KernelModel(torch.nn.Module):
         are capped at one common number, the largest within the budget (elements with
         fewer atoms keep them all). A reference of element ``Z`` costs
         ``sum_l (2 l + 1) n_radial(Z, l)`` weights (def2-universal-jkfit: 18 for H,
-        75-77 for C, N, O). The default keeps the dense normal matrix within about 2 GB
-        and its factorisation within a few minutes on one core. ``None``: no budget.
+        75-77 for C, N, O). The default keeps the dense normal matrix within 0.8 GB
+        and a fit of 100 distorted methanols near two minutes on one core (16 000:
+        about 4.5 minutes, 2.46 against 2.54 % test RMSE). ``None``: no budget.
     seed : int
         Seed of the linear map's initialisation (the direct solve overwrites it).
     dtype : torch.dtype
@@ -304,7 +305,7 @@ class KernelModel(torch.nn.Module):
         n_references: int = 100,
         zeta: float = 2.0,
         eigen_cutoff: float = 1e-12,
-        max_weights: Optional[int] = 16000,
+        max_weights: Optional[int] = 10000,
         seed: int = 0,
         dtype: torch.dtype = torch.float64,
         device: Optional[torch.device] = None,

@@ -139,8 +139,9 @@ def _solve_summary(record: Dict[str, Any]) -> str:
         if record["cv_weights"] < record["n_weights"]:
             details.append(f"on the leading {record['cv_weights']} weights, to fit solve.cv_seconds")
         details.append(f"CV RMSE {row['cv_rmse_percent']:.3g} %")
-        chosen += (f" chosen by {scored[0]}-fold cross-validation over the training structures "
-                   f"({', '.join(details)})")
+        how = ("leave-one-structure-out cross-validation" if record["cv_method"] == "leave-one-out"
+               else f"{scored[0]}-fold cross-validation over the training structures")
+        chosen += f" chosen by {how} ({', '.join(details)})"
     elif record["selection"] == "validation":
         chosen += f" chosen on the validation structures (RMSE {row['val_rmse_percent']:.3g} %)"
     return f"{solver}, {chosen}"

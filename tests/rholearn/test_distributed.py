@@ -93,7 +93,7 @@ def test_two_processes_train_as_one_and_resume_exactly(dataset, tmp_path, optimi
 
 @pytest.mark.parametrize("n_val", [0, 1, 2])
 def test_two_processes_solve_as_one(dataset, tmp_path, n_val):
-    """Cross-validated (leave-one-out folds over 8 structures) or chosen on validation
+    """Cross-validated (leave-one-structure-out over 8 structures) or chosen on validation
     structures (with 1, one process has none); the kernel model fits its references from
     every training structure."""
     options = workflow.FitOptions(hypers=HYPERS, n_train=8, n_val=n_val, n_test=10 - 8 - n_val,
@@ -110,8 +110,9 @@ def test_two_processes_solve_as_one(dataset, tmp_path, n_val):
     for name in ("n_train", "n_val", "selection", "folds", "regularisation"):
         assert records[1][name] == records[0][name], name
     for row, expected in zip(records[1]["grid"], records[0]["grid"]):
-        for column in ("cv_loss", "val_loss"):
-            assert row[column] == pytest.approx(expected[column], rel=1e-8, nan_ok=True)
+        for column, tolerance in (("cv_loss", 1e-6), ("val_loss", 1e-8)):
+            # (leave-one-out at strength 1e-8 amplifies the round-off of H summed in another order)
+            assert row[column] == pytest.approx(expected[column], rel=tolerance, nan_ok=True)
 
 
 def test_the_shares_of_the_processes_make_the_batches_of_one(monkeypatch):

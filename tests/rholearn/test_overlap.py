@@ -73,6 +73,25 @@ def test_matvec_matches_dense(structures, overlap):
         )
 
 
+def test_dense_systems_are_the_structures_overlaps(structures, overlap):
+    """Each structure's dense matrix is its overlap, with rows where its coefficients are put."""
+    a = data.shuffled(data.coefficients(structures, data.random_vectors(structures, seed=10)), 11)
+    b = align_samples(data.coefficients(structures, data.random_vectors(structures, seed=12)), a)
+    metric = SparseOverlap(data.shuffled(overlap, seed=13), a)
+    dense = metric.dense_systems()
+    assert [d.system for d in dense] == [s.system for s in structures]
+    assert metric.system_sizes().tolist() == [len(s.overlap) for s in structures]
+    values_a, values_b = [block.values for block in a.blocks()], [block.values for block in b.blocks()]
+    for d, s in zip(dense, structures):
+        np.testing.assert_allclose(np.linalg.eigvalsh(d.matrix.numpy()), np.linalg.eigvalsh(s.overlap),
+                                   atol=1e-12)  # the same matrix, rows permuted
+        expected = data.dense_vector(a, s) @ s.overlap @ data.dense_vector(b, s)
+        assert float(d.vector(values_a) @ d.matrix @ d.vector(values_b)) == pytest.approx(expected, rel=1e-12)
+        # extra trailing dimensions follow the rows: (r, 2) from two stacked vectors
+        stacked = d.vector([torch.stack([x, y], dim=-1) for x, y in zip(values_a, values_b)])
+        torch.testing.assert_close(stacked, torch.stack([d.vector(values_a), d.vector(values_b)], dim=-1))
+
+
 def test_per_system_dot_is_the_euclidean_product(structures):
     a = data.coefficients(structures, data.random_vectors(structures, seed=7))
     b = data.shuffled(data.coefficients(structures, data.random_vectors(structures, seed=8)), 9)

@@ -4,6 +4,7 @@ the regularisation is chosen by cross-validation (equal to refitting without eac
 fold) or on validation structures, and ``workflow.fit`` uses it by default."""
 
 import json
+import math
 import os
 
 import pytest
@@ -205,7 +206,7 @@ def held_out_loss(model, folder, descriptors, ids):
         return sum(float(OverlapLoss()(model(b.descriptor), b)) for b in loaders(folder, descriptors, ids))
 
 
-@pytest.mark.parametrize("n_train, folds", [(7, 3), (4, None)])  # k-fold; leave-one-out for tiny N
+@pytest.mark.parametrize("n_train, folds", [(7, 3), (4, None)])  # k-fold; leave-one-out (Woodbury)
 def test_cross_validation_equals_refitting_without_each_fold(folder, descriptors, n_train, folds):
     train_ids = folder.indices[:n_train]
     grid = [1e-8, 1e-6, 1e-3, 1e-1]
@@ -221,6 +222,7 @@ def test_cross_validation_equals_refitting_without_each_fold(folder, descriptors
     assert record["selection"] == "cross-validation" and record["solver"] == "dense"
     expected_folds = [[i] for i in train_ids] if folds is None else [train_ids[:3], train_ids[3:5], train_ids[5:]]
     assert record["folds"] == expected_folds
+    assert record["cv_method"] == ("leave-one-out" if folds is None else "k-fold")
     # brute force: solve on the other folds with the same absolute alpha, evaluate the held-out fold
     baseline_only = make_model(folder, train_ids)
     with torch.no_grad():
@@ -251,6 +253,27 @@ def test_cross_validation_equals_refitting_without_each_fold(folder, descriptors
     assert float((weights(chosen) - weights(refit)).norm()) < 1e-6 * float(weights(refit).norm())
 
 
+def test_leave_one_out_scores_a_long_grid_coarse_to_fine(folder, descriptors):
+    """Every 4th strength of the default grid first, then the best's neighbours at 2 and
+    1 steps: the scored losses are those of a grid of just these strengths."""
+    train_ids = folder.indices[:5]
+    model = make_model(folder, train_ids, "kernel", n_references=4)
+    model.net.fit_references(descriptors_of(descriptors, train_ids))
+    batches = list(loaders(folder, descriptors, train_ids))
+    record = solve_linear(model, batches)
+    assert record["cv_method"] == "leave-one-out"
+    grid = [row["regularisation"] for row in record["grid"]]
+    scored = [i for i, row in enumerate(record["grid"]) if not math.isnan(row["cv_loss"])]
+    best = grid.index(record["regularisation"])
+    assert set(range(0, len(grid), 4)) <= set(scored) and len(scored) <= 7 + 4
+    assert {best - 1, best + 1} & set(range(len(grid))) <= set(scored)  # the best is a local minimum
+    assert all(record["grid"][best]["cv_loss"] <= record["grid"][i]["cv_loss"] for i in scored)
+    few = solve_linear(model, batches, options=SolveOptions(regularisation=[grid[i] for i in scored[:6]]))
+    for row in few["grid"]:  # 6 strengths: all scored
+        assert row["cv_loss"] == pytest.approx(record["grid"][grid.index(row["regularisation"])]["cv_loss"],
+                                               rel=1e-10)
+
+
 def test_a_choice_at_the_edge_of_the_grid_is_warned_about(folder, descriptors):
     train_ids = folder.indices[:6]
     model = make_model(folder, train_ids, "kernel", n_references=4)
@@ -266,10 +289,12 @@ def test_cross_validation_keeps_to_its_time_budget(folder, descriptors):
     model = make_model(folder, train_ids, "kernel", n_references=4)
     model.net.fit_references(descriptors_of(descriptors, train_ids))
     batches = list(loaders(folder, descriptors, train_ids))
-    full = solve_linear(model, batches, options=SolveOptions(regularisation=[1e-6, 1e-3, 1e-1]))
-    record = solve_linear(model, batches, options=SolveOptions(regularisation=[1e-6, 1e-3, 1e-1], cv_seconds=0))
-    assert (full["folds_scored"], record["folds_scored"]) == (4, 1)  # leave-one-out, first fold only
-    assert record["cv_estimate_seconds"] == 0.0  # too small to estimate
+    grid = [1e-6, 1e-3, 1e-1]
+    full = solve_linear(model, batches, options=SolveOptions(regularisation=grid, folds=4))
+    record = solve_linear(model, batches, options=SolveOptions(regularisation=grid, folds=4, cv_seconds=0))
+    assert (full["folds_scored"], record["folds_scored"]) == (4, 1)  # 4 folds, then the first only
+    assert record["cv_method"] == "k-fold"
+    assert record["cv_weights"] < full["cv_weights"] == full["n_weights"]  # the fewest weights
     # fold 0's held-out loss is the same in both; the full run averages over the 4
     assert record["grid"][0]["cv_loss"] != full["grid"][0]["cv_loss"]
 
@@ -308,14 +333,15 @@ def test_fit_without_validation_structures_cross_validates(folder, tmp_path):
     with open(os.path.join(result.run_dir, workflow.SOLVE_FILE)) as f:
         record = json.load(f)
     assert record["selection"] == "cross-validation" and record["converged"]
-    train = sorted(result.split["train"])  # 5 folds of contiguous ids (leave-one-out up to 5)
-    assert record["folds"] == [train[0:2], train[2:4], train[4:5], train[5:7], train[7:8]]
+    train = sorted(result.split["train"])  # small waters: leave-one-structure-out is cheapest
+    assert record["cv_method"] == "leave-one-out" and record["folds"] == [[i] for i in train]
     assert len(record["grid"]) == len(SolveOptions().grid())
-    best = min(record["grid"], key=lambda row: row["cv_loss"])
+    best = min((row for row in record["grid"] if not math.isnan(row["cv_loss"])),
+               key=lambda row: row["cv_loss"])
     assert record["regularisation"] == best["regularisation"]
     with open(os.path.join(result.run_dir, "train.log")) as f:
         log = f.read()
-    assert f"regularisation {record['regularisation']:g} chosen by 5-fold cross-validation" in log
+    assert f"regularisation {record['regularisation']:g} chosen by leave-one-structure-out" in log
     assert f"CV RMSE {best['cv_rmse_percent']:.3g} %" in log
 
 
