@@ -766,8 +766,8 @@ def _loo_cross_validation(chunks: List[_Chunk], blocks: List[_Block], normal: to
     losses = torch.full((len(alphas),), math.nan, dtype=torch.float64)
     todo, stride = _strength_schedule(len(alphas))
     while todo:
-        losses[todo] = distributed.all_reduce(
-            _held_out_losses(chunks, blocks, vectors, inverse[todo], projected).cpu())
+        losses[todo] = distributed.all_reduce(  # (on the device: nccl reduces CUDA tensors)
+            _held_out_losses(chunks, blocks, vectors, inverse[todo], projected)).cpu()
         best = min(range(len(alphas)), key=lambda i: _finite_or_inf(float(losses[i])))
         stride //= 2
         todo = [i for i in (best - stride, best + stride)

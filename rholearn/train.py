@@ -28,11 +28,14 @@ applied from the next epoch (and logged), any other change is refused.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import math
 import os
 import random
+import signal
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
 
@@ -229,8 +232,9 @@ def train(
     run = RunFolder(run_dir)
     with distributed.on_main(run.locked()), distributed.rank_log(run_dir, options.verbose) as log:
         try:
-            return _train(model, loss_fn, train_data, val_data, options, run, resume,
-                          val_spread, log)
+            with _interrupts_between_batches():
+                return _train(model, loss_fn, train_data, val_data, options, run, resume,
+                              val_spread, log)
         except KeyboardInterrupt:
             log.warning(
                 f"interrupted: '{run_dir}' keeps the last checkpointed epoch; continue with "
@@ -283,6 +287,7 @@ def _train(model, loss_fn, train_data, val_data, options, run, resume, val_sprea
 
     run_epoch = _adam_epoch if options.optimizer == "adam" else _lbfgs_epoch
     for epoch in range(state["epoch"] + 1, options.epochs + 1):
+        _check_interrupt()
         if _should_stop(state, options):
             break
         start = time.perf_counter()
@@ -339,6 +344,7 @@ def evaluate(model: torch.nn.Module, loss_fn: LossFunction, loader) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in loader:
+            _check_interrupt()
             if batch is None:  # an empty share of a batch
                 continue
             total += float(loss_fn(model(batch.descriptor), batch))
@@ -458,11 +464,45 @@ def _seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------- one epoch ---
+_INTERRUPTED = threading.Event()
+
+
+@contextlib.contextmanager
+def _interrupts_between_batches():
+    """Ctrl-C (SIGINT) during training raises ``KeyboardInterrupt`` at the next batch
+    (:func:`_check_interrupt`), in Python: raised inside a TorchScript call (metatensor's
+    labels) it would come out as a ``RuntimeError``. A second Ctrl-C raises at once.
+    Nothing changes outside the main thread (signals go to the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def note(signum, frame):
+        _INTERRUPTED.set()
+        signal.signal(signal.SIGINT, previous)
+
+    _INTERRUPTED.clear()
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _INTERRUPTED.clear()
+
+
+def _check_interrupt() -> None:
+    """Raise the ``KeyboardInterrupt`` of a Ctrl-C noted during training."""
+    if _INTERRUPTED.is_set():
+        raise KeyboardInterrupt
+
+
 def _adam_epoch(model, loss_fn, loader, optimizer) -> float:
     """One pass of minibatch steps; the mean loss per structure during the pass."""
     model.train()
     total, count = 0.0, 0
     for batch in loader:
+        _check_interrupt()
         optimizer.zero_grad()
         if batch is not None:  # None: this process's share of the batch is empty
             loss = loss_fn(model(batch.descriptor), batch)
@@ -489,6 +529,7 @@ def _lbfgs_epoch(model, loss_fn, loader, optimizer) -> float:
         optimizer.zero_grad()
         total = torch.zeros((), dtype=first.dtype, device=first.device)
         for batch in batches:  # gradients accumulate over the chunks
+            _check_interrupt()
             loss = loss_fn(model(batch.descriptor), batch)
             loss.backward()
             total += loss.detach()

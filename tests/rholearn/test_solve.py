@@ -274,6 +274,22 @@ def test_leave_one_out_scores_a_long_grid_coarse_to_fine(folder, descriptors):
                                                rel=1e-10)
 
 
+def test_leave_one_out_for_molecules_k_fold_for_a_few_large_structures():
+    """The plan counts operations: one eigendecomposition plus ``r^2 P`` per structure and
+    strength, against one eigendecomposition per fold."""
+    from rholearn.solve import _cv_plan
+
+    memory = {"allowed_bytes": 2**34}
+    plan = lambda sizes, **given: _cv_plan(SolveOptions(**given), 3000, 5, sizes, 25, True, memory, 3,
+                                           torch.float64, torch.device("cpu"))
+    assert plan([300] * 100)[0] == "leave-one-out"  # 100 molecules of 300 functions, 3 000 weights
+    assert plan([20000] * 4)[0] == "k-fold"  # 4 boxes of 20 000 functions
+    assert plan([300] * 100, folds=5)[0] == "k-fold"  # asked for
+    _, full, estimate = plan([300] * 100, cv_seconds=math.inf)
+    method, size, seconds = plan([300] * 100, cv_seconds=estimate / 8)  # fewer leading weights
+    assert full == 3000 and method == "leave-one-out" and 1 < size < full and seconds <= estimate / 8
+
+
 def test_a_choice_at_the_edge_of_the_grid_is_warned_about(folder, descriptors):
     train_ids = folder.indices[:6]
     model = make_model(folder, train_ids, "kernel", n_references=4)

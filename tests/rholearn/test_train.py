@@ -7,6 +7,8 @@ import math
 import os
 import pickle
 import shutil
+import signal
+import time
 
 import ase.build
 import pytest
@@ -390,3 +392,19 @@ def test_stale_temporary_files_of_a_killed_run_are_removed(folder, datasets, tmp
 def test_a_cuda_device_without_a_gpu_is_a_clear_error():
     with pytest.raises(ValueError, match="device 'cuda': torch sees no GPU"):
         options(device="cuda")
+
+
+def test_ctrl_c_during_training_is_raised_between_batches():
+    """A SIGINT is noted and raised at the next batch (not inside a compiled call); a
+    second one raises at once; the previous handler is back afterwards."""
+    before = signal.getsignal(signal.SIGINT)
+    with train._interrupts_between_batches():
+        os.kill(os.getpid(), signal.SIGINT)  # noted, not raised here
+        time.sleep(0.05)
+        with pytest.raises(KeyboardInterrupt):
+            train._check_interrupt()
+        with pytest.raises(KeyboardInterrupt):  # the second one at once
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGINT) is before
+    train._check_interrupt()  # nothing pending after the training
