@@ -434,7 +434,6 @@ class SparseOverlap:
     def dense_systems(self) -> List[DenseSystem]:
         """Every structure's overlap as a dense ``(r, r)`` matrix (memory ``r^2`` each:
         for a few structures at a time, e.g. one batch)."""
-        sizes = self.system_sizes().tolist()
         positions, slots = {}, {}  # element -> first row of each atom in its structure; its slot
         taken = torch.zeros(len(self.systems), dtype=torch.int64, device=self.systems.device)
         for z, element in self._elements.items():
@@ -446,7 +445,7 @@ class SparseOverlap:
             positions[z], slots[z] = taken[slot] + rank * width, slot
             taken += counts * width
         systems = []
-        for s, size in enumerate(sizes):
+        for s, size in enumerate(taken.tolist()):  # (the functions of every structure)
             matrix = self.layout.block(0).values.new_zeros((size, size))
             for g in self._groups:
                 mine = g.slots == s

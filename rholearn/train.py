@@ -477,6 +477,8 @@ def _interrupts_between_batches():
         yield
         return
     previous = signal.getsignal(signal.SIGINT)
+    if previous is None:  # a handler installed outside Python: back to Python's own
+        previous = signal.default_int_handler
 
     def note(signum, frame):
         _INTERRUPTED.set()
