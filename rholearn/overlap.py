@@ -423,12 +423,17 @@ class SparseOverlap:
             tensors += [element.ids, *element.orders, *element.inverses]
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def _atom_slots(self, element: _ElementRows) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The structure (position in ``systems``) of each of an element's atom rows, and
+        the element's number of atoms in every structure."""
+        slots = _lookup(self.systems, element.ids >> _BITS)[0]
+        return slots, torch.bincount(slots, minlength=len(self.systems))
+
     def system_sizes(self) -> torch.Tensor:
         """Basis functions ``r`` of every structure (``systems`` order), int64 ``(systems,)``."""
         sizes = torch.zeros(len(self.systems), dtype=torch.int64, device=self.systems.device)
         for element in self._elements.values():
-            slots = _lookup(self.systems, element.ids >> _BITS)[0]
-            sizes += torch.bincount(slots, minlength=len(self.systems)) * element.columns[-1].stop
+            sizes += self._atom_slots(element)[1] * element.columns[-1].stop
         return sizes
 
     def dense_systems(self) -> List[DenseSystem]:
@@ -437,8 +442,7 @@ class SparseOverlap:
         positions, slots = {}, {}  # element -> first row of each atom in its structure; its slot
         taken = torch.zeros(len(self.systems), dtype=torch.int64, device=self.systems.device)
         for z, element in self._elements.items():
-            slot = _lookup(self.systems, element.ids >> _BITS)[0]
-            counts = torch.bincount(slot, minlength=len(self.systems))
+            slot, counts = self._atom_slots(element)
             first_atom = torch.cumsum(counts, 0) - counts  # element row of each structure's first atom
             rank = torch.arange(len(slot), device=slot.device) - first_atom[slot]
             width = element.columns[-1].stop

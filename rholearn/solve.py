@@ -373,7 +373,7 @@ def solve_linear(
             del cv_normal
             for row, loss in zip(rows, held_out.tolist()):
                 row["cv_loss"] = loss / scored_count
-                row["cv_rmse_percent"] = _percent(loss, scored_spread) if math.isfinite(loss) else loss
+                row["cv_rmse_percent"] = _percent(loss, scored_spread)  # NaN where not scored
             best = min(range(len(grid)), key=lambda i: _finite_or_inf(rows[i]["cv_loss"]))
         elif selection == "validation":
             val_spread = distributed.all_reduce_sum(sum(chunk.target_norm for chunk in val))
@@ -442,7 +442,8 @@ def _finite_or_inf(value: float) -> float:
 
 
 def _percent(loss: float, spread: float) -> float:
-    """``100 sqrt(loss / spread)``: SALTED's % RMSE of a summed overlap loss."""
+    """``100 sqrt(loss / spread)``: SALTED's % RMSE of a summed overlap loss (NaN and
+    infinity stay as they are)."""
     return 100.0 * math.sqrt(max(loss, 0.0) / spread) if spread > 0 else math.nan
 
 
