@@ -23,13 +23,13 @@ import math
 import os
 import sys
 import tempfile
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import datasets  # noqa: E402  (the benchmark datasets, next to this script)
 from learning_curve import splits  # noqa: E402
+from salted_comparison import default_fit  # noqa: E402
 
 from rholearn import workflow  # noqa: E402
 from rholearn.dataset import read_dataset  # noqa: E402
@@ -43,18 +43,12 @@ def fit_point(dataset: str, run_dir: str, split, folds) -> dict:
     """One default fit cross-validated on every weight with ``folds``; its record."""
     options = workflow.FitOptions(solve=SolveOptions(folds=folds, cv_seconds=math.inf),
                                   search={"seconds": 0})
-    start = time.perf_counter()
-    result = workflow.fit(dataset, run_dir, options,
-                          split={"train": split["train"], "val": [], "test": split["test"]})
-    fit_seconds = time.perf_counter() - start
-    errors = workflow.evaluate(result.model, dataset, split["test"], real_space=False, progress=False)
-    with open(os.path.join(run_dir, workflow.SOLVE_FILE)) as f:
-        solve = json.load(f)
+    _, fit_seconds, rmse, solve = default_fit(dataset, run_dir, split, options)
     chosen = next(row for row in solve["grid"] if row["regularisation"] == solve["regularisation"])
     return {"fit_seconds": fit_seconds, "selection_seconds": solve["seconds"]["selection"],
             "n_weights": solve["n_weights"], "cv_method": solve["cv_method"],
             "regularisation": solve["regularisation"], "cv_rmse_percent": chosen["cv_rmse_percent"],
-            "test_rmse_percent": errors["summary"]["rmse_percent"]}
+            "test_rmse_percent": rmse}
 
 
 def main():

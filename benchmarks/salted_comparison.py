@@ -262,19 +262,24 @@ def salted_own_rmse(work: str, folder, test: List[int], predicted: str, inputs) 
     return float(100 * np.sqrt(error / spread))
 
 
-def rholearn_point(dataset: str, run_dir: str, split) -> dict:
-    """The default fit (no validation structures), its test % RMSE and its times."""
+def default_fit(dataset: str, run_dir: str, split, options: workflow.FitOptions):
+    """``options`` fitted on the training structures of ``split`` (no validation
+    structures): ``(result, seconds of the whole fit, test % RMSE, solve.json record)``."""
     start = time.perf_counter()
-    result = workflow.fit(dataset, run_dir, workflow.FitOptions(),
+    result = workflow.fit(dataset, run_dir, options,
                           split={"train": split["train"], "val": [], "test": split["test"]})
     fit_seconds = time.perf_counter() - start
     errors = workflow.evaluate(result.model, dataset, split["test"], real_space=False, progress=False)
-    row = {"n_train": len(split["train"]), "n_test": len(split["test"]),
-           "rmse_percent": errors["summary"]["rmse_percent"], "fit_seconds": fit_seconds,
-           "train_seconds": training_seconds(result)}
     with open(os.path.join(run_dir, workflow.SOLVE_FILE)) as f:
-        row["solve"] = json.load(f)
-    return row
+        solve = json.load(f)
+    return result, fit_seconds, errors["summary"]["rmse_percent"], solve
+
+
+def rholearn_point(dataset: str, run_dir: str, split) -> dict:
+    """The default fit (no validation structures), its test % RMSE and its times."""
+    result, fit_seconds, rmse, solve = default_fit(dataset, run_dir, split, workflow.FitOptions())
+    return {"n_train": len(split["train"]), "n_test": len(split["test"]), "rmse_percent": rmse,
+            "fit_seconds": fit_seconds, "train_seconds": training_seconds(result), "solve": solve}
 
 
 def print_table(name: str, salted: Dict[str, dict], rholearn: Dict[str, dict]) -> None:
@@ -298,13 +303,37 @@ def _cell(value, width: int, spec: str = ".2f") -> str:
     return f"{'-':>{width}}" if value is None else f"{value:>{width}{spec}}"
 
 
+def learning_curve_axes(axes, xticks: List[int], ylabel: str) -> None:
+    """Logarithmic matplotlib ``axes`` against the training structures, with ticks at
+    ``xticks`` and at 1, 2, 3, 5 times powers of ten, labelled as plain numbers."""
+    from matplotlib import ticker
+
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xticks(xticks)
+    axes.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 3, 5)))
+    for axis in (axes.xaxis, axes.yaxis):
+        axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
+        axis.set_minor_formatter(ticker.NullFormatter())
+    axes.set_xlabel("training structures")
+    axes.set_ylabel(ylabel)
+
+
+def save_figure(figure, path: str) -> None:
+    """Write a matplotlib ``figure`` to ``path`` (PNG, 120 dpi) and close it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def plot(name: str, salted: Dict[str, dict], rholearn: Dict[str, dict], path: str) -> None:
     """Test % RMSE and training time against N, both codes, log-log."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib import ticker
 
     figure, (errors, times) = plt.subplots(1, 2, figsize=(8, 3.4))
     for label, rows, time_key in (("SALTED", salted, "train_seconds"),
@@ -316,20 +345,10 @@ def plot(name: str, salted: Dict[str, dict], rholearn: Dict[str, dict], path: st
         errors.plot(x, [rows[k]["rmse_percent"] for k in n], marker="o", label=label)
         times.plot(x, [rows[k][time_key] for k in n], marker="o", label=label)
     for axes, ylabel in ((errors, "test % RMSE"), (times, "training seconds (1 thread)")):
-        axes.set_xscale("log")
-        axes.set_yscale("log")
-        axes.set_xticks(sorted({int(k) for rows in (salted, rholearn) for k in rows}))
-        axes.yaxis.set_major_locator(ticker.LogLocator(subs=(1, 2, 3, 5)))
-        for axis in (axes.xaxis, axes.yaxis):  # plain numbers, not powers of ten
-            axis.set_major_formatter(ticker.FormatStrFormatter("%g"))
-            axis.set_minor_formatter(ticker.NullFormatter())
-        axes.set_xlabel("training structures")
-        axes.set_ylabel(ylabel)
+        learning_curve_axes(axes, sorted({int(k) for rows in (salted, rholearn) for k in rows}), ylabel)
     errors.set_title(name, fontsize=10)
     errors.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main():

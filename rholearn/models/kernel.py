@@ -9,7 +9,8 @@ For a target block ``(lambda, sigma, Z)`` and an atom ``i`` of element ``Z``:
    of a squared overlap, hence ``>= 0``) and every atom weighs the same;
 2. against ``M`` reference environments ``m`` of element ``Z`` (chosen by
    farthest-point sampling on ``x0`` of the training atoms,
-   :func:`farthest_point_sampling`), the lambda-kernel is the
+   :func:`farthest_point_sampling`, as many per element as
+   :func:`reference_counts` gives within the weight budget), the lambda-kernel is the
    ``(2 lambda + 1) x (2 lambda + 1)`` matrix
    ``k(i, m) = (x_i x_m^T) k0(i, m)^(zeta - 1)``, equivariant in ``i``'s
    index and nonlinear in the structure for ``zeta > 1``;
@@ -46,15 +47,24 @@ Key = Tuple[int, int, int]
 def farthest_point_sampling(points: torch.Tensor, n: int) -> torch.Tensor:
     """Indices of ``n`` rows of ``points`` (shape ``(rows, features)``) picked greedily,
     each the farthest (Euclidean) from those already picked, starting from row 0."""
+    return farthest_point_order(points, n)[0]
+
+
+def farthest_point_order(points: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`farthest_point_sampling` with each pick's squared distance to the rows
+    picked before it (shape ``(n,)``, nonincreasing; infinity for row 0): how far the
+    ``k``-th pick's environment was from everything the first ``k - 1`` cover."""
     n = min(int(n), len(points))
     selected = torch.zeros(n, dtype=torch.int64)
+    gaps = torch.full((n,), float("inf"), dtype=points.dtype)
     if n == 0:
-        return selected
+        return selected, gaps
     distances = ((points - points[0]) ** 2).sum(dim=1)
     for k in range(1, n):
         selected[k] = torch.argmax(distances)
+        gaps[k] = distances[selected[k]]
         distances = torch.minimum(distances, ((points - points[selected[k]]) ** 2).sum(dim=1))
-    return selected
+    return selected, gaps
 
 
 def _normalised(values: torch.Tensor) -> torch.Tensor:
@@ -210,8 +220,9 @@ class KernelFeatures(torch.nn.Module):
 
         References are chosen per element by farthest-point sampling on the
         normalised invariant descriptor; every block of that element uses the same
-        references (as SALTED does). ``counts`` (atomic number -> references) caps
-        the number per element below ``n_references``.
+        references (as SALTED does). ``counts`` (atomic number -> references, e.g.
+        from :func:`reference_counts`) caps the number per element below
+        ``n_references``.
         """
         selected: Dict[int, torch.Tensor] = {}
         active: Dict[Key, int] = {}
@@ -246,25 +257,48 @@ class KernelFeatures(torch.nn.Module):
             active[key] = len(eigenvalues)
         return active
 
+    def references_per_element(self) -> Dict[int, int]:
+        """Atomic number -> references chosen by :meth:`fit` (0 before it)."""
+        return {z: int(module.references.shape[0]) for (_, _, z), module in zip(self.keys, self.blocks)}
+
     def active_features(self) -> List[int]:
         """Number of leading nonzero features of each block (0 before :meth:`fit`)."""
         return [int(module.n_active) for module in self.blocks]
 
 
-def reference_counts(atoms: Dict[int, int], n_references: int, weights_per_reference: Dict[int, int],
+def reference_counts(gaps: Dict[int, torch.Tensor], weights_per_reference: Dict[int, int],
                      max_weights: Optional[int]) -> Dict[int, int]:
-    """References per element: ``min(n_references, atoms[Z])``, then, when their weights
-    ``sum_Z count_Z weights_per_reference[Z]`` exceed ``max_weights``, every count capped
-    at the largest common number that fits (at least one reference per element)."""
-    counts = {z: min(n_references, n) for z, n in atoms.items()}
+    """References per element that cover every element's environments to one common
+    resolution, within a budget of weights.
 
-    def weights(cap: int) -> int:
-        return sum(min(count, cap) * weights_per_reference.get(z, 0) for z, count in counts.items())
+    Parameters
+    ----------
+    gaps : dict
+        Atomic number -> the squared distances of its farthest-point picks to the picks
+        before them (:func:`farthest_point_order`; nonincreasing, the first infinite).
+    weights_per_reference : dict
+        Atomic number -> weights of the linear map that one reference adds.
+    max_weights : int, optional
+        Budget of weights; ``None``: every pick is taken.
 
-    if max_weights is None or weights(n_references) <= max_weights:
-        return counts
-    cap = max((c for c in range(1, n_references + 1) if weights(c) <= max_weights), default=1)
-    return {z: min(count, cap) for z, count in counts.items()}
+    Returns
+    -------
+    dict
+        Atomic number -> references: every element keeps its first pick, then the picks
+        of all elements are taken by decreasing gap while their weights fit, so an
+        element whose environments are far apart gets more references than one whose
+        atoms are all alike.
+    """
+    counts = {z: min(1, len(g)) for z, g in gaps.items()}
+    used = sum(counts[z] * weights_per_reference.get(z, 0) for z in counts)
+    picks = sorted(((float(g[k]), z) for z, g in gaps.items() for k in range(1, len(g))), reverse=True)
+    for _, z in picks:
+        cost = weights_per_reference.get(z, 0)
+        if max_weights is not None and used + cost > max_weights:
+            break
+        counts[z] += 1
+        used += cost
+    return counts
 
 
 class KernelModel(torch.nn.Module):
@@ -277,14 +311,16 @@ class KernelModel(torch.nn.Module):
     n_references, zeta, eigen_cutoff
         See :class:`KernelFeatures`.
     max_weights : int, optional
-        Budget of weights of the linear map: when ``n_references`` per element (or
-        all its training atoms, if fewer) would give more, every element's references
-        are capped at one common number, the largest within the budget (elements with
-        fewer atoms keep them all). A reference of element ``Z`` costs
-        ``sum_l (2 l + 1) n_radial(Z, l)`` weights (def2-universal-jkfit: 18 for H,
-        75-77 for C, N, O). The default keeps the dense normal matrix within 0.8 GB
-        and a fit of 100 distorted methanols near two minutes on one core (16 000:
-        about 4.5 minutes, 2.46 against 2.54 % test RMSE). ``None``: no budget.
+        Budget of weights of the linear map. When ``n_references`` per element (or
+        all its training atoms, if fewer) would give more, the references are chosen
+        from the data (:func:`reference_counts`): the farthest-point picks of all
+        elements are taken by decreasing distance to the picks before them, so every
+        element's environments are covered to one common resolution and an element
+        with varied environments gets more references than one whose atoms are alike.
+        A reference of element ``Z`` costs ``sum_l (2 l + 1) n_radial(Z, l)`` weights
+        (def2-universal-jkfit: 18 for H, 75-77 for C, N, O). The default keeps the
+        dense normal matrix within 0.8 GB and a fit of 100 distorted methanols near
+        two minutes on one core. ``None``: no budget.
     seed : int
         Seed of the linear map's initialisation (the direct solve overwrites it).
     dtype : torch.dtype
@@ -328,15 +364,15 @@ class KernelModel(torch.nn.Module):
         return self.head(self.features(descriptor))
 
     def fit_references(self, descriptor: TensorMap) -> Dict[Key, int]:
-        """See :meth:`KernelFeatures.fit`; the references per element are kept within
-        ``max_weights`` (:func:`reference_counts`)."""
-        atoms = {  # training atoms per element: the samples of its invariant block
-            int(z): len(block.samples)
+        """See :meth:`KernelFeatures.fit`; the references per element are chosen within
+        ``max_weights`` by :func:`reference_counts`."""
+        gaps = {
+            int(z): farthest_point_order(_normalised(block.values.reshape(len(block.values), -1)).cpu(),
+                                         self.features.n_references)[1]
             for (l, sigma, z), block in zip(descriptor.keys.values.tolist(), descriptor.blocks())
             if (l, sigma) == (0, 1)
         }
-        counts = reference_counts(atoms, self.features.n_references, self.weights_per_reference,
-                                  self.max_weights)
+        counts = reference_counts(gaps, self.weights_per_reference, self.max_weights)
         return self.features.fit(descriptor, counts)
 
     def active_features(self) -> List[int]:

@@ -10,9 +10,10 @@ import os
 import time
 from typing import Dict, List, Optional, Sequence, Union
 
-import torch
 import metatensor.torch as mts
+import torch
 import tqdm
+from ase.data import chemical_symbols
 from metatensor.torch import TensorMap
 
 from .. import __version__, distributed, layout
@@ -293,6 +294,9 @@ def _prepare(folder, options: FitOptions, basis, baseline, kind, split, cache: s
     start = time.perf_counter()
     if hasattr(model.net, "fit_references"):  # kernel model: references from the training atoms
         model.net.fit_references(_joined([descriptors(i) for i in split["train"]]))
+        counts = model.net.features.references_per_element()
+        LOGGER.info("kernel references per element (reference_counts): "
+                    + ", ".join(f"{chemical_symbols[z]} {n}" for z, n in sorted(counts.items()) if n))
     distributed.broadcast_module(model)  # every process starts from process 0's model
     fitter.seconds["references"] = time.perf_counter() - start
     datasets = {

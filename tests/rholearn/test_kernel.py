@@ -1,12 +1,14 @@
 """The sparse equivariant kernel model: references, projection, equivariance, save/load, export."""
 
+import math
+
 import ase.build
 import pytest
 import torch
 from metatomic.torch import systems_to_torch
 
 from rholearn.models import DensityModel
-from rholearn.models.kernel import farthest_point_sampling, reference_counts
+from rholearn.models.kernel import farthest_point_order, farthest_point_sampling, reference_counts
 from rholearn.testing import assert_equivariant
 from rhocalc.pyscf import basis_set
 from rhocalc.structures import distorted_waters
@@ -41,6 +43,9 @@ def test_farthest_point_sampling_picks_the_extremes_first():
     points = torch.tensor([[0.0], [1.0], [10.0], [4.0], [9.0]], dtype=torch.float64)
     assert farthest_point_sampling(points, 3).tolist() == [0, 2, 3]
     assert farthest_point_sampling(points, 10).tolist() == [0, 2, 3, 1, 4]
+    order, gaps = farthest_point_order(points, 10)  # each pick's squared distance to those before
+    assert order.tolist() == [0, 2, 3, 1, 4]
+    assert gaps.tolist() == [math.inf, 100.0, 16.0, 1.0, 1.0]
 
 
 def test_references_are_fitted_per_element_and_block(model):
@@ -104,15 +109,27 @@ def test_a_saved_kernel_model_stores_only_the_references_used(tmp_path):
         torch.testing.assert_close(block.values, expected.block(key).values, rtol=0, atol=0)
 
 
-def test_reference_counts_keep_within_the_weight_budget():
-    atoms, per_reference = {1: 400, 6: 100, 8: 30}, {1: 18, 6: 75, 8: 77}
-    assert reference_counts(atoms, 100, per_reference, None) == {1: 100, 6: 100, 8: 30}
-    assert reference_counts(atoms, 100, per_reference, 11610) == {1: 100, 6: 100, 8: 30}  # fits
-    counts = reference_counts(atoms, 100, per_reference, 9000)
-    assert counts == {1: 71, 6: 71, 8: 30}  # a common cap; oxygen keeps its 30 atoms
-    assert sum(counts[z] * per_reference[z] for z in atoms) <= 9000
-    assert sum((counts[z] + (z != 8)) * per_reference[z] for z in atoms) > 9000  # the largest cap
-    assert reference_counts(atoms, 100, per_reference, 1) == {1: 1, 6: 1, 8: 1}
+def test_reference_counts_cover_every_element_to_one_resolution_within_the_budget():
+    per_reference = {1: 18, 6: 75, 8: 77}
+    # hydrogen's environments are far apart, carbon's alike, oxygen's few
+    gaps = {1: torch.tensor([math.inf] + [1.0 / k for k in range(1, 100)]),
+            6: torch.tensor([math.inf] + [0.01 / k for k in range(1, 100)]),
+            8: torch.tensor([math.inf, 0.5, 0.2])}
+    assert reference_counts(gaps, per_reference, None) == {1: 100, 6: 100, 8: 3}
+    counts = reference_counts(gaps, per_reference, 3000)
+    assert sum(counts[z] * per_reference[z] for z in counts) <= 3000
+    assert counts[8] == 3 and counts[1] > counts[6] >= 1
+    # the resolution is common: every pick left out is no farther than every pick taken
+    taken = [float(gaps[z][k]) for z in gaps for k in range(1, counts[z])]
+    left = [float(gaps[z][k]) for z in gaps for k in range(counts[z], len(gaps[z]))]
+    assert min(taken) >= max(left)
+    assert reference_counts(gaps, per_reference, 1) == {1: 1, 6: 1, 8: 1}  # the first of each
+
+
+def normalised_invariants(descriptor, z):
+    values = descriptor.block({"o3_lambda": 0, "o3_sigma": 1, "center_type": z}).values
+    values = values.reshape(len(values), -1)
+    return values / values.norm(dim=1, keepdim=True)
 
 
 def test_the_weight_budget_caps_the_references_the_model_picks():
@@ -130,8 +147,13 @@ def test_the_weight_budget_caps_the_references_the_model_picks():
     per_reference = capped.net.weights_per_reference
     assert references(free) == {1: 20, 6: 3, 8: 9}
     counts = references(capped)
-    assert counts[6] == 3 and counts[1] == counts[8] < 9
     assert sum(counts[z] * per_reference[z] for z in counts) <= 900
+    assert all(1 <= counts[z] <= n for z, n in references(free).items()) and counts != references(free)
+    # the atoms left out are no farther from the references than any reference was when picked
+    gaps = {z: farthest_point_order(normalised_invariants(descriptor, z), 20)[1] for z in counts}
+    taken = [float(gaps[z][k]) for z in gaps for k in range(1, counts[z])]
+    left = [float(gaps[z][k]) for z in gaps for k in range(counts[z], len(gaps[z]))]
+    assert min(taken) >= max(left)
     with pytest.raises(ValueError, match="max_weights"):
         DensityModel(basis, HYPERS, "kernel", max_weights=0)
 
