@@ -30,7 +30,6 @@ from collections import Counter
 from typing import Dict
 
 import torch
-from ase.data import chemical_symbols
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import datasets  # noqa: E402  (the benchmark datasets, next to this script)
@@ -49,7 +48,7 @@ def fit_point(dataset: str, folder, run_dir: str, split, budget: int) -> dict:
     chosen = features.references_per_element()
     atoms = Counter(z for i in split["train"] for z in folder.frames[i].numbers.tolist())
     return {"budget": budget, "n_weights": solve["n_weights"],
-            "references": {chemical_symbols[z]: n for z, n in sorted(chosen.items()) if n},
+            "references": solve["references"],
             "takes_every_pick": all(chosen[z] == min(features.n_references, n) for z, n in atoms.items()),
             "regularisation": solve["regularisation"], "fit_seconds": fit_seconds,
             "test_rmse_percent": rmse}

@@ -25,6 +25,7 @@ import time
 from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import torch
+from ase.data import chemical_symbols
 from metatensor.learn.data import IndexedDataset
 
 from .. import distributed
@@ -94,6 +95,9 @@ class DirectFit:
         distributed.broadcast_module(model.net)  # every process holds process 0's weights
         record["seconds"]["total"] = time.perf_counter() - start
         record["seconds"].update(self.seconds)
+        references = kernel_references(model)
+        if references is not None:
+            record["references"] = references
         return record
 
     @staticmethod
@@ -123,6 +127,15 @@ def _share_loader(data: IndexedDataset, batch_size: int):
     if not distributed.active():
         return make_dataloader(data, batch_size)
     return make_dataloader(data, batch_size, sampler=distributed.shard(range(len(data))))
+
+
+def kernel_references(model: DensityModel) -> Optional[Dict[str, int]]:
+    """A kernel model's references per element symbol (elements with none left out);
+    ``None`` for other models."""
+    if not hasattr(model.net, "fit_references"):
+        return None
+    counts = model.net.features.references_per_element()
+    return {chemical_symbols[z]: n for z, n in sorted(counts.items()) if n}
 
 
 def _solve_summary(record: Dict[str, Any]) -> str:

@@ -13,7 +13,6 @@ from typing import Dict, List, Optional, Sequence, Union
 import metatensor.torch as mts
 import torch
 import tqdm
-from ase.data import chemical_symbols
 from metatensor.torch import TensorMap
 
 from .. import __version__, distributed, layout
@@ -33,7 +32,7 @@ from ..run import SPLIT_FILE, RunFolder, new_run_path
 from ..runlog import LOGGER
 from ..solve import SolveOptions, linear_parts
 from ..train import RESUMABLE_OPTIONS, TrainOptions
-from .fitters import FITTERS, LOSSES, DirectFit
+from .fitters import FITTERS, LOSSES, DirectFit, kernel_references
 from .search import SearchOptions, applicable_space, descriptor_name, search
 
 SOLVERS = tuple(FITTERS)
@@ -294,9 +293,8 @@ def _prepare(folder, options: FitOptions, basis, baseline, kind, split, cache: s
     start = time.perf_counter()
     if hasattr(model.net, "fit_references"):  # kernel model: references from the training atoms
         model.net.fit_references(_joined([descriptors(i) for i in split["train"]]))
-        counts = model.net.features.references_per_element()
         LOGGER.info("kernel references per element (reference_counts): "
-                    + ", ".join(f"{chemical_symbols[z]} {n}" for z, n in sorted(counts.items()) if n))
+                    + ", ".join(f"{symbol} {n}" for symbol, n in kernel_references(model).items()))
     distributed.broadcast_module(model)  # every process starts from process 0's model
     fitter.seconds["references"] = time.perf_counter() - start
     datasets = {

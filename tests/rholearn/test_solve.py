@@ -359,6 +359,9 @@ def test_fit_without_validation_structures_cross_validates(folder, tmp_path):
         log = f.read()
     assert f"regularisation {record['regularisation']:g} chosen by leave-one-structure-out" in log
     assert f"CV RMSE {best['cv_rmse_percent']:.3g} %" in log
+    # the references per element, every training atom here (8 waters: 8 O, 16 H)
+    assert record["references"] == {"H": 16, "O": 8}
+    assert "kernel references per element (reference_counts): H 16, O 8" in log
 
 
 def test_the_log_says_when_cross_validation_ran_on_the_leading_features(folder, tmp_path):
