@@ -214,17 +214,17 @@ class KernelFeatures(torch.nn.Module):
         )
 
     @torch.no_grad()
-    def fit(self, descriptor: TensorMap, counts: Optional[Dict[int, int]] = None) -> Dict[Key, int]:
+    def fit(self, descriptor: TensorMap, selected: Optional[Dict[int, torch.Tensor]] = None) -> Dict[Key, int]:
         """Pick references among the atoms of ``descriptor`` (the training set) and
         build ``K_MM^{-1/2}``; returns the number of active features per block.
 
-        References are chosen per element by farthest-point sampling on the
-        normalised invariant descriptor; every block of that element uses the same
-        references (as SALTED does). ``counts`` (atomic number -> references, e.g.
-        from :func:`reference_counts`) caps the number per element below
-        ``n_references``.
+        References are chosen per element by farthest-point sampling
+        (``n_references``) on the normalised invariant descriptor; every block of that
+        element uses the same references (as SALTED does). ``selected`` (atomic number
+        -> rows of its invariant block, e.g. the first picks of
+        :func:`farthest_point_order`) gives an element's references instead.
         """
-        selected: Dict[int, torch.Tensor] = {}
+        selected = dict(selected or {})
         active: Dict[Key, int] = {}
         for key, module, selection in zip(self.keys, self.blocks, self.invariant_selections):
             z = key[2]
@@ -237,9 +237,8 @@ class KernelFeatures(torch.nn.Module):
                 raise ValueError(f"descriptor block {key} and its invariant block hold different atoms")
             x0 = _normalised(invariant.values.reshape(len(invariant.values), -1))
             if z not in selected:
-                n = min(self.n_references, (counts or {}).get(z, self.n_references))
-                selected[z] = farthest_point_sampling(x0.cpu(), n).to(x0.device)
-            rows = selected[z]
+                selected[z] = farthest_point_sampling(x0.cpu(), self.n_references)
+            rows = selected[z].to(x0.device)
             references = _normalised(block.values)[rows]
             module.references = references.contiguous()
             module.reference_invariants = x0[rows].contiguous()
@@ -366,14 +365,15 @@ class KernelModel(torch.nn.Module):
     def fit_references(self, descriptor: TensorMap) -> Dict[Key, int]:
         """See :meth:`KernelFeatures.fit`; the references per element are chosen within
         ``max_weights`` by :func:`reference_counts`."""
-        gaps = {
+        orders = {  # (picks, their gaps) per element, on its invariant block
             int(z): farthest_point_order(_normalised(block.values.reshape(len(block.values), -1)).cpu(),
-                                         self.features.n_references)[1]
+                                         self.features.n_references)
             for (l, sigma, z), block in zip(descriptor.keys.values.tolist(), descriptor.blocks())
             if (l, sigma) == (0, 1)
         }
-        counts = reference_counts(gaps, self.weights_per_reference, self.max_weights)
-        return self.features.fit(descriptor, counts)
+        counts = reference_counts({z: gaps for z, (_, gaps) in orders.items()},
+                                  self.weights_per_reference, self.max_weights)
+        return self.features.fit(descriptor, {z: picks[:counts[z]] for z, (picks, _) in orders.items()})
 
     def active_features(self) -> List[int]:
         """See :meth:`KernelFeatures.active_features`."""
