@@ -230,13 +230,14 @@ def fit(
     check_trained_elements(folder, split)
     expanded = {"dataset": os.path.abspath(dataset), "run": run.path, **to_dict(options)}
     may_change = [f"train.{name}" for name in RESUMABLE_OPTIONS]
-    replaced = run.existing_files() if overwrite else []
+    existing = run.existing_files()  # before the claim writes split.json and options.yaml
+    replaced = existing if overwrite else []
     with distributed.on_main(run.claim(expanded, split, resume, overwrite, may_change)):
         with distributed.rank_log(run.path, console=options.train.verbose) as log:
             if replaced:
                 log.info(f"removed the earlier run in '{run.path}': {', '.join(replaced)}")
             try:
-                return _fit(folder, run, options, resume, split, log)
+                return _fit(folder, run, options, resume and bool(existing), split, log)  # a new run resumes nothing
             except Exception as error:  # the log says how the session ended
                 log.error(f"stopped: {error_line(error)}")
                 raise

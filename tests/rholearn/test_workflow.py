@@ -19,7 +19,7 @@ from rhocalc.pyscf.molecule import aux_molecule
 from rhocalc.pyscf.order import vector_to_canonical
 from rhocalc.pyscf.realspace import read_cube
 from rhocalc.structures import distorted_waters
-from rholearn import cli, layout, workflow
+from rholearn import __version__, cli, layout, workflow
 from rholearn.models import DensityModel
 from rholearn.options import from_dict, to_dict
 from rholearn.run import RunFolder
@@ -220,3 +220,15 @@ def test_fit_on_an_explicit_split(dataset, tmp_path):
     assert recorded["split_file"] == os.path.join(result.run_dir, workflow.SPLIT_FILE)
     with pytest.raises(ValueError, match="unknown subset 'validation'"):
         workflow.fit(dataset, str(tmp_path / "bad"), options, split={"train": [0], "validation": [1]})
+
+
+def test_the_log_says_resuming_only_when_there_is_a_run_to_resume(dataset, tmp_path):
+    """``resume=True`` on a new folder (as the example script passes) trains anew and says so."""
+    options = workflow.FitOptions(n_train=4, n_val=0, n_test=2, search={"seconds": 0},
+                                  train=TrainOptions(verbose=False))
+    run = str(tmp_path / "run")
+    for expected in ("training", "resuming"):
+        workflow.fit(dataset, run, options, resume=True)
+        with open(os.path.join(run, "train.log")) as f:
+            banner = [line for line in f if f"rholearn {__version__} " in line][-1]
+        assert f" {expected} in '{run}'" in banner
