@@ -44,12 +44,10 @@ def fit_point(dataset: str, folder, run_dir: str, split, budget: int) -> dict:
     """One default fit within ``budget`` weights; its record."""
     options = workflow.FitOptions(model_options={"max_weights": budget}, search={"seconds": 0})
     result, fit_seconds, rmse, solve = default_fit(dataset, run_dir, split, options)
-    features = result.model.net.features
-    chosen = features.references_per_element()
-    atoms = Counter(z for i in split["train"] for z in folder.frames[i].numbers.tolist())
-    return {"budget": budget, "n_weights": solve["n_weights"],
-            "references": solve["references"],
-            "takes_every_pick": all(chosen[z] == min(features.n_references, n) for z, n in atoms.items()),
+    chosen, most = solve["references"], result.model.net.features.n_references
+    atoms = Counter(symbol for i in split["train"] for symbol in folder.frames[i].get_chemical_symbols())
+    return {"budget": budget, "n_weights": solve["n_weights"], "references": chosen,
+            "takes_every_pick": all(chosen[symbol] == min(most, n) for symbol, n in atoms.items()),
             "regularisation": solve["regularisation"], "fit_seconds": fit_seconds,
             "test_rmse_percent": rmse}
 
